@@ -1,0 +1,201 @@
+"""Typed run configuration behind Hydra, validated before any actor starts.
+
+Hydra composes `conf/config.yaml`; `load_config` merges it onto these dataclasses (so types are
+checked by OmegaConf) and `validate` checks the values. Every problem is reported as one line that
+names the field, e.g. ``rollout.samples_per_prompt: must be >= 2 (got 1)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line naming the field."""
+
+
+@dataclass
+class ModelConfig:
+    # HF model directory (config.json, safetensors, tokenizer). None: build the project's tiny demo
+    # model (random init + supervised warm start on the demo task) and cache it under cache_dir.
+    path: Optional[str] = None
+    cache_dir: str = ".cache/models"
+    # Shape of the tiny demo model, used only when path is None.
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 256
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start of the demo model: stop once sampled accuracy reaches target_accuracy."""
+    target_accuracy: float = 0.25
+    max_steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 25
+    eval_prompts: int = 128
+
+
+@dataclass
+class TaskConfig:
+    # The demo task: "a+b=" with operands of up to `digits` digits, answer checked exactly.
+    name: str = "addition"
+    digits: int = 2
+    seed: int = 1234
+
+
+@dataclass
+class RolloutConfig:
+    samples_per_prompt: int = 8  # K in the Kimi objective
+    prompts_per_step: int = 32
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    max_total_tokens: int = 8192  # SGLang KV-cache cap; its default pre-allocates GBs on CPU
+    tensor_parallel_size: int = 1
+    mem_fraction_static: float = 0.3  # share of the (colocated) GPU SGLang may take; unused on CPU
+
+
+@dataclass
+class AlgorithmConfig:
+    objective: str = "kimi_k2"
+    tau: float = 0.01  # the Kimi regulariser weight (undisclosed by Moonshot; ours)
+    updates_per_step: int = 1  # gradient steps per RL iteration (mini-batches over the rollout)
+    reset_optimizer_each_step: bool = False  # K1.5 resets the optimizer every iteration
+
+
+@dataclass
+class TrainerConfig:
+    tensor_parallel_size: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    seed: int = 0
+    timeout_s: float = 300.0  # every remote call to an engine is bounded by this
+
+
+@dataclass
+class ClusterConfig:
+    # None: start a local Ray cluster (the embedded default); else join this address ("auto" too).
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # logical CPUs of the local cluster (default: what the bundles need)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "tandem"
+    run_dir: Optional[str] = None  # None: Hydra's output directory
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    steps: int = 40
+    seed: int = 0
+
+
+OBJECTIVES = ("kimi_k2",)
+TASKS = ("addition",)
+
+
+def load_config(cfg: DictConfig | dict[str, Any] | None = None) -> Config:
+    """Merge a Hydra/OmegaConf config onto the typed schema, then validate it."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, cfg if cfg is not None else {})
+    except Exception as exc:  # OmegaConf type/key errors carry the full key path
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+    config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def _require(ok: bool, field_name: str, why: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {why} (got {value!r})")
+
+
+def validate(c: Config) -> None:
+    """Check values that types cannot express. Raises ConfigError naming the first bad field."""
+    m = c.model
+    if m.path is not None:
+        _require(os.path.isdir(m.path), "model.path", "directory does not exist", m.path)
+        _require(os.path.isfile(os.path.join(m.path, "config.json")), "model.path",
+                 "has no config.json (expected a HuggingFace model directory)", m.path)
+    heads, kv_heads = _model_heads(c)
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        _require(getattr(m, name) > 0, f"model.{name}", "must be > 0", getattr(m, name))
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+             "must be divisible by model.num_attention_heads", m.hidden_size)
+    _require(heads % kv_heads == 0, "model.num_key_value_heads",
+             "must divide the number of attention heads", kv_heads)
+
+    for section, tp in (("trainer", c.trainer.tensor_parallel_size), ("rollout", c.rollout.tensor_parallel_size)):
+        field_name = f"{section}.tensor_parallel_size"
+        _require(tp >= 1, field_name, "must be >= 1", tp)
+        _require(heads % tp == 0, field_name, f"must divide the number of attention heads ({heads})", tp)
+        _require(kv_heads % tp == 0, field_name,
+                 f"must divide the number of key/value heads ({kv_heads})", tp)
+
+    r = c.rollout
+    _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
+             "must be >= 2 (the group-mean baseline needs at least two samples)", r.samples_per_prompt)
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1", r.prompts_per_step)
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
+    _require(r.temperature > 0, "rollout.temperature", "must be > 0", r.temperature)
+    _require(r.max_total_tokens >= r.max_new_tokens, "rollout.max_total_tokens",
+             "must be >= rollout.max_new_tokens", r.max_total_tokens)
+    _require(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)", r.mem_fraction_static)
+
+    a = c.algorithm
+    _require(a.objective in OBJECTIVES, "algorithm.objective", f"must be one of {OBJECTIVES}", a.objective)
+    _require(a.tau >= 0, "algorithm.tau", "must be >= 0", a.tau)
+    _require(a.updates_per_step >= 1, "algorithm.updates_per_step", "must be >= 1", a.updates_per_step)
+    _require(r.prompts_per_step % a.updates_per_step == 0, "algorithm.updates_per_step",
+             "must divide rollout.prompts_per_step", a.updates_per_step)
+
+    t = c.trainer
+    _require(t.lr > 0, "trainer.lr", "must be > 0", t.lr)
+    _require(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0", t.weight_decay)
+    _require(all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas", "must be in [0, 1)", t.adam_betas)
+    _require(t.grad_clip > 0, "trainer.grad_clip", "must be > 0", t.grad_clip)
+    _require(t.timeout_s > 0, "trainer.timeout_s", "must be > 0", t.timeout_s)
+
+    w = c.warm_start
+    _require(0 <= w.target_accuracy <= 1, "warm_start.target_accuracy", "must be in [0, 1]", w.target_accuracy)
+    _require(w.max_steps >= 0, "warm_start.max_steps", "must be >= 0", w.max_steps)
+    _require(w.lr > 0, "warm_start.lr", "must be > 0", w.lr)
+
+    _require(c.task.name in TASKS, "task.name", f"must be one of {TASKS}", c.task.name)
+    _require(1 <= c.task.digits <= 6, "task.digits", "must be in [1, 6]", c.task.digits)
+    _require(c.steps >= 0, "steps", "must be >= 0", c.steps)
+    _require(c.cluster.device in ("auto", "cpu", "cuda"), "cluster.device", "must be auto, cpu or cuda", c.cluster.device)
+    _require(c.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+             "must be offline, online or disabled", c.logging.wandb_mode)
+
+
+def _model_heads(c: Config) -> tuple[int, int]:
+    """Attention and key/value head counts: from the model directory when given, else the demo shape."""
+    if c.model.path is None:
+        return c.model.num_attention_heads, c.model.num_key_value_heads
+    with open(os.path.join(c.model.path, "config.json")) as f:
+        hf = json.load(f)
+    heads = int(hf["num_attention_heads"])
+    return heads, int(hf.get("num_key_value_heads", heads))

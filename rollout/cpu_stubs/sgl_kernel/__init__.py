@@ -1,0 +1,7 @@
+"""CPU stand-in for `sgl_kernel` (see ../_tandem_stub.py)."""
+import sys as _sys
+
+from _tandem_stub import install as _install
+
+__version__ = "0.0.0+tandem.cpu.stub"
+_install(_sys.modules[__name__])
