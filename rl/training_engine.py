@@ -147,7 +147,7 @@ class TrainingEngine:
         logits = self.logits(input_ids)[:, :-1] / temperature
         targets = input_ids[:, 1:].to(self.device)
         # Megatron's vocab-parallel cross entropy is the exact -log softmax across TP ranks.
-        return -vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.transpose(0, 1)).transpose(0, 1)
+        return -vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.transpose(0, 1).contiguous()).transpose(0, 1)
 
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:

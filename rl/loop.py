@@ -1,0 +1,159 @@
+"""The RL driver: sample prompts -> roll out K each (SGLang) -> score -> advantages -> Kimi K2 step
+(Megatron) -> push weights -> repeat. Engines live in Ray actors colocated in placement-group bundles.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import ray
+from transformers import AutoTokenizer
+
+from checkpoint_engine import ObjectStoreWeightSync
+from rewards import exact_match
+from rl.algorithms import group_mean_advantages
+from rl.cluster import colocated_bundles, in_bundle, start_ray
+from rl.config import Config
+from rl.metrics import MetricsLogger
+from rl.sample import Sample
+from rl.tasks import AdditionTask
+from rl.training_engine import TrainingEngine, resolve_device
+from rl.warm_start import demo_model_path
+from rollout.sglang_engine import RolloutEngine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Engines:
+    """The actors of one colocated RL job."""
+    trainers: list  # one per tensor-parallel rank, trainer i in bundle i
+    rollout: object  # the SGLang engine, in bundle 0 beside trainer rank 0
+    sync: ObjectStoreWeightSync
+    placement_group: object
+
+    @classmethod
+    def start(cls, config: Config, model_path: str) -> "Engines":
+        tp = config.trainer.tensor_parallel_size
+        start_ray(config.cluster, num_bundles=tp)
+        timeout = config.trainer.timeout_s
+        pg = colocated_bundles(tp, timeout)
+        device = resolve_device(config.cluster.device)
+        port = _free_port()
+        t = config.trainer
+        trainer_cls = ray.remote(TrainingEngine)
+        trainers = [
+            trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
+                model_path, rank=rank, world_size=tp, master_addr="127.0.0.1", master_port=port,
+                tensor_parallel_size=tp, device=device, lr=t.lr, weight_decay=t.weight_decay,
+                adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
+            for rank in range(tp)
+        ]
+        r = config.rollout
+        rollout = ray.remote(RolloutEngine).options(
+            num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, 0)).remote(
+            model_path, device=device, tensor_parallel_size=r.tensor_parallel_size,
+            max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static,
+            seed=config.seed)
+        # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
+        ray.get([a.__ray_ready__.remote() for a in [*trainers, rollout]], timeout=timeout)
+        return cls(trainers, rollout, ObjectStoreWeightSync(trainers, [rollout], timeout), pg)
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.rollout.shutdown.remote(), timeout=60)
+        except Exception:
+            pass
+        for actor in [*self.trainers, self.rollout]:
+            ray.kill(actor)
+        ray.util.remove_placement_group(self.placement_group)
+
+
+class RLLoop:
+    def __init__(self, config: Config, engines: Engines, tokenizer, logger: MetricsLogger | None = None):
+        self.config, self.engines, self.tokenizer, self.logger = config, engines, tokenizer, logger
+        self.task = AdditionTask(config.task.digits, config.task.seed)
+        self.weight_version = 0  # the engines start from the same checkpoint: version 0
+        self.step_index = 0
+
+    def _call_trainers(self, method: str, *args, **kwargs):
+        """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
+        refs = [getattr(t, method).remote(*args, **kwargs) for t in self.engines.trainers]
+        return ray.get(refs, timeout=self.config.trainer.timeout_s)[0]
+
+    def make_samples(self, step: int) -> list[Sample]:
+        r = self.config.rollout
+        problems = self.task.batch(step * r.prompts_per_step, r.prompts_per_step)
+        return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference)
+                for i, p in enumerate(problems) for _ in range(r.samples_per_prompt)]
+
+    def step(self) -> dict[str, float]:
+        c, timeout = self.config, self.config.trainer.timeout_s
+        step_start = time.perf_counter()
+        samples = self.make_samples(self.step_index)
+
+        t0 = time.perf_counter()
+        samples = ray.get(self.engines.rollout.generate.remote(
+            samples, c.rollout.max_new_tokens, c.rollout.temperature), timeout=timeout)
+        t1 = time.perf_counter()
+        for s in samples:
+            s.reward = exact_match(s.response, s.reference)
+        group_mean_advantages(samples)
+        t2 = time.perf_counter()
+
+        ray.get(self.engines.rollout.release_memory.remote(), timeout=timeout)
+        old = self._call_trainers("compute_logprobs", samples, c.rollout.temperature)
+        mismatch = 0.0
+        for s, lp in zip(samples, old):
+            s.old_logprobs = lp
+            mismatch = max([mismatch, *(abs(a - b) for a, b in zip(lp, s.rollout_logprobs))])
+        if c.algorithm.reset_optimizer_each_step:
+            self._call_trainers("reset_optimizer")
+        train = self._call_trainers("train_step", samples, c.algorithm.tau, c.rollout.temperature,
+                                    c.algorithm.updates_per_step)
+        t3 = time.perf_counter()
+
+        ray.get(self.engines.rollout.resume_memory.remote(), timeout=timeout)
+        self.weight_version += 1
+        sync = self.engines.sync.push(self.weight_version)
+        t4 = time.perf_counter()
+
+        rewards = [float(s.reward) for s in samples]
+        metrics = {
+            "accuracy": sum(r == 1.0 for r in rewards) / len(rewards),
+            "reward_mean": sum(rewards) / len(rewards),
+            "response_length": sum(len(s.response_ids) for s in samples) / len(samples),
+            "loss": train["loss"],
+            "grad_norm": train["grad_norm"],
+            "logprob_mismatch_max": mismatch,
+            "sample_weight_version": min(s.weight_version for s in samples),
+            "weight_version": self.weight_version,
+            "rollout_seconds": t1 - t0,
+            "reward_seconds": t2 - t1,
+            "train_seconds": t3 - t2,
+            "sync_seconds": t4 - t3,
+            "step_seconds": t4 - step_start,
+        }
+        self.step_index += 1
+        if self.logger is not None:
+            self.logger.log(self.step_index, metrics)
+        return metrics
+
+
+def run(config: Config, run_dir: str) -> list[dict[str, float]]:
+    """Run `config.steps` RL steps and return their metrics."""
+    model_path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    engines = Engines.start(config, model_path)
+    logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
+    try:
+        loop = RLLoop(config, engines, tokenizer, logger)
+        return [loop.step() for _ in range(config.steps)]
+    finally:
+        logger.close()
+        engines.shutdown()

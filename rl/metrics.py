@@ -1,0 +1,47 @@
+"""Per-step metrics to the console (with a progress bar), `metrics.jsonl` in the run directory, and wandb."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class MetricsLogger:
+    CONSOLE_KEYS = ("accuracy", "reward_mean", "response_length", "loss", "logprob_mismatch_max",
+                    "weight_version", "step_seconds")
+
+    def __init__(self, run_dir: str, config: Any, total_steps: int, wandb_mode: str, wandb_project: str):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.file = open(self.path, "a")
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]RL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.description}"), console=self.console)
+        self.task = self.progress.add_task("", total=total_steps)
+        self.progress.start()
+        self.wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, dir=run_dir, mode=wandb_mode,
+                                    config=dataclasses.asdict(config))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in self.CONSOLE_KEYS if k in metrics)
+        self.progress.console.print(f"step {step:>4}  {shown}")
+        self.progress.update(self.task, advance=1, description=f"acc {metrics.get('accuracy', 0):.2f}")
+
+    def close(self) -> None:
+        self.progress.stop()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,1 @@
+"""Rollout engines: SGLang behind a Ray actor, token-in/token-out."""
