@@ -34,13 +34,16 @@ class ModelConfig:
 
 @dataclass
 class WarmStartConfig:
-    """Supervised warm start of the demo model: stop once sampled accuracy reaches target_accuracy."""
-    target_accuracy: float = 0.25
-    max_steps: int = 1500
+    """Supervised warm start of the demo model (see rl/warm_start.py).
+
+    Trained to convergence with label smoothing, the policy's greedy answers are right while its
+    sampled (temperature 1) answers are mostly wrong; RL has to concentrate the distribution.
+    """
+    label_smoothing: float = 0.3
+    steps: int = 1200  # with a cosine learning-rate decay to zero
     batch_size: int = 64
-    lr: float = 3e-3
-    eval_every: int = 25
-    eval_prompts: int = 128
+    lr: float = 1e-3
+    eval_prompts: int = 256
 
 
 @dataclass
@@ -48,13 +51,14 @@ class TaskConfig:
     # The demo task: "a+b=" with operands of up to `digits` digits, answer checked exactly.
     name: str = "addition"
     digits: int = 2
+    reverse_answer: bool = True  # write the sum least-significant digit first (see rl/tasks.py)
     seed: int = 1234
 
 
 @dataclass
 class RolloutConfig:
     samples_per_prompt: int = 8  # K in the Kimi objective
-    prompts_per_step: int = 32
+    prompts_per_step: int = 64
     max_new_tokens: int = 8
     temperature: float = 1.0
     max_total_tokens: int = 8192  # SGLang KV-cache cap; its default pre-allocates GBs on CPU
@@ -71,9 +75,20 @@ class AlgorithmConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: one sample per prompt at the rollout temperature, before training and every
+    `every` steps (0: never). Its accuracy is the run's headline number."""
+    every: int = 10
+    prompts: int = 256
+
+
+@dataclass
 class TrainerConfig:
     tensor_parallel_size: int = 1
-    lr: float = 2e-3
+    lr: float = 4e-4
+    lr_warmup_steps: int = 10  # linear warm-up: Adam's first steps are sign-like and wreck a fine-tuned policy
+    lr_decay: str = "cosine"  # constant | cosine (from lr after warm-up to lr * min_lr_ratio at the last step)
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
@@ -102,11 +117,12 @@ class Config:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    steps: int = 40
+    steps: int = 100
     seed: int = 0
 
 
@@ -173,19 +189,24 @@ def validate(c: Config) -> None:
 
     t = c.trainer
     _require(t.lr > 0, "trainer.lr", "must be > 0", t.lr)
+    _require(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0", t.lr_warmup_steps)
+    _require(t.lr_decay in ("constant", "cosine"), "trainer.lr_decay", "must be constant or cosine", t.lr_decay)
+    _require(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
     _require(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0", t.weight_decay)
     _require(all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas", "must be in [0, 1)", t.adam_betas)
     _require(t.grad_clip > 0, "trainer.grad_clip", "must be > 0", t.grad_clip)
     _require(t.timeout_s > 0, "trainer.timeout_s", "must be > 0", t.timeout_s)
 
     w = c.warm_start
-    _require(0 <= w.target_accuracy <= 1, "warm_start.target_accuracy", "must be in [0, 1]", w.target_accuracy)
-    _require(w.max_steps >= 0, "warm_start.max_steps", "must be >= 0", w.max_steps)
+    _require(0 <= w.label_smoothing < 1, "warm_start.label_smoothing", "must be in [0, 1)", w.label_smoothing)
+    _require(w.steps >= 0, "warm_start.steps", "must be >= 0", w.steps)
     _require(w.lr > 0, "warm_start.lr", "must be > 0", w.lr)
 
     _require(c.task.name in TASKS, "task.name", f"must be one of {TASKS}", c.task.name)
     _require(1 <= c.task.digits <= 6, "task.digits", "must be in [1, 6]", c.task.digits)
     _require(c.steps >= 0, "steps", "must be >= 0", c.steps)
+    _require(c.eval.every >= 0, "eval.every", "must be >= 0", c.eval.every)
+    _require(c.eval.prompts >= 1, "eval.prompts", "must be >= 1", c.eval.prompts)
     _require(c.cluster.device in ("auto", "cpu", "cuda"), "cluster.device", "must be auto, cpu or cuda", c.cluster.device)
     _require(c.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              "must be offline, online or disabled", c.logging.wandb_mode)

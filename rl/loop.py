@@ -23,6 +23,9 @@ from rl.warm_start import demo_model_path
 from rollout.sglang_engine import RolloutEngine
 
 
+EVAL_STREAM_START = 1_000_000_000  # held-out prompts: far beyond any training step's range
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,7 +53,8 @@ class Engines:
         trainers = [
             trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
                 model_path, rank=rank, world_size=tp, master_addr="127.0.0.1", master_port=port,
-                tensor_parallel_size=tp, device=device, lr=t.lr, weight_decay=t.weight_decay,
+                tensor_parallel_size=tp, device=device, lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay=t.lr_decay,
+                lr_decay_steps=config.steps * config.algorithm.updates_per_step, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
                 adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
             for rank in range(tp)
         ]
@@ -77,7 +81,7 @@ class Engines:
 class RLLoop:
     def __init__(self, config: Config, engines: Engines, tokenizer, logger: MetricsLogger | None = None):
         self.config, self.engines, self.tokenizer, self.logger = config, engines, tokenizer, logger
-        self.task = AdditionTask(config.task.digits, config.task.seed)
+        self.task = AdditionTask(config.task.digits, config.task.seed, config.task.reverse_answer)
         self.weight_version = 0  # the engines start from the same checkpoint: version 0
         self.step_index = 0
 
@@ -86,23 +90,33 @@ class RLLoop:
         refs = [getattr(t, method).remote(*args, **kwargs) for t in self.engines.trainers]
         return ray.get(refs, timeout=self.config.trainer.timeout_s)[0]
 
-    def make_samples(self, step: int) -> list[Sample]:
-        r = self.config.rollout
-        problems = self.task.batch(step * r.prompts_per_step, r.prompts_per_step)
+    def make_samples(self, start: int, num_prompts: int, samples_per_prompt: int) -> list[Sample]:
+        problems = self.task.batch(start, num_prompts)
         return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference)
-                for i, p in enumerate(problems) for _ in range(r.samples_per_prompt)]
+                for i, p in enumerate(problems) for _ in range(samples_per_prompt)]
+
+    def _generate_and_score(self, samples: list[Sample]) -> list[Sample]:
+        r = self.config.rollout
+        samples = ray.get(self.engines.rollout.generate.remote(samples, r.max_new_tokens, r.temperature),
+                          timeout=self.config.trainer.timeout_s)
+        for s in samples:
+            s.reward = exact_match(s.response, s.reference)
+        return samples
+
+    def evaluate(self) -> float:
+        """Accuracy on held-out prompts (a range of the task stream training never reaches), one sample each."""
+        samples = self.make_samples(EVAL_STREAM_START, self.config.eval.prompts, 1)
+        return sum(float(s.reward) for s in self._generate_and_score(samples)) / len(samples)
 
     def step(self) -> dict[str, float]:
         c, timeout = self.config, self.config.trainer.timeout_s
         step_start = time.perf_counter()
-        samples = self.make_samples(self.step_index)
+        r = c.rollout
+        samples = self.make_samples(self.step_index * r.prompts_per_step, r.prompts_per_step, r.samples_per_prompt)
 
         t0 = time.perf_counter()
-        samples = ray.get(self.engines.rollout.generate.remote(
-            samples, c.rollout.max_new_tokens, c.rollout.temperature), timeout=timeout)
+        samples = self._generate_and_score(samples)
         t1 = time.perf_counter()
-        for s in samples:
-            s.reward = exact_match(s.response, s.reference)
         group_mean_advantages(samples)
         t2 = time.perf_counter()
 
@@ -130,6 +144,7 @@ class RLLoop:
             "response_length": sum(len(s.response_ids) for s in samples) / len(samples),
             "loss": train["loss"],
             "grad_norm": train["grad_norm"],
+            "lr": train["lr"],
             "logprob_mismatch_max": mismatch,
             "sample_weight_version": min(s.weight_version for s in samples),
             "weight_version": self.weight_version,
@@ -140,6 +155,9 @@ class RLLoop:
             "step_seconds": t4 - step_start,
         }
         self.step_index += 1
+        every = c.eval.every
+        if every and (self.step_index % every == 0 or self.step_index == c.steps):
+            metrics["eval_accuracy"] = self.evaluate()
         if self.logger is not None:
             self.logger.log(self.step_index, metrics)
         return metrics
@@ -153,6 +171,8 @@ def run(config: Config, run_dir: str) -> list[dict[str, float]]:
     logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
     try:
         loop = RLLoop(config, engines, tokenizer, logger)
+        if config.eval.every:
+            logger.log(0, {"eval_accuracy": loop.evaluate(), "weight_version": 0})
         return [loop.step() for _ in range(config.steps)]
     finally:
         logger.close()

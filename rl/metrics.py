@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLogger:
-    CONSOLE_KEYS = ("accuracy", "reward_mean", "response_length", "loss", "logprob_mismatch_max",
+    CONSOLE_KEYS = ("accuracy", "eval_accuracy", "response_length", "loss", "logprob_mismatch_max",
                     "weight_version", "step_seconds")
 
     def __init__(self, run_dir: str, config: Any, total_steps: int, wandb_mode: str, wandb_project: str):
@@ -36,9 +36,11 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in self.CONSOLE_KEYS if k in metrics)
+        shown = " ".join(f"{k.replace('logprob_mismatch_max', 'mismatch')}={metrics[k]:.3g}"
+                         for k in self.CONSOLE_KEYS if k in metrics)
         self.progress.console.print(f"step {step:>4}  {shown}")
-        self.progress.update(self.task, advance=1, description=f"acc {metrics.get('accuracy', 0):.2f}")
+        if step > 0:
+            self.progress.update(self.task, advance=1, description=f"acc {metrics.get('accuracy', 0):.2f}")
 
     def close(self) -> None:
         self.progress.stop()

@@ -8,8 +8,10 @@ modules, with no other difference.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
+from functools import partial
 from typing import Optional
 
 import torch
@@ -42,7 +44,8 @@ def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
 class TrainingEngine:
     def __init__(self, model_path: str, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
                  master_port: int = 29500, tensor_parallel_size: int = 1, device: str = "auto",
-                 lr: float = 1e-3, weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.999),
+                 lr: float = 1e-3, lr_warmup_steps: int = 0, lr_decay: str = "constant",
+                 lr_decay_steps: int = 0, min_lr_ratio: float = 0.0, weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.999),
                  grad_clip: float = 1.0, seed: int = 0, timeout_s: float = 300.0):
         from megatron.core import parallel_state
 
@@ -75,6 +78,7 @@ class TrainingEngine:
         self.model = self._build_model()
         self.load_hf_weights(load_hf_state_dict(model_path))
         self.optimizer_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(adam_betas))
+        self.lr_shape = dict(warmup=lr_warmup_steps, decay=lr_decay, total=lr_decay_steps, min_ratio=min_lr_ratio)
         self.reset_optimizer()
 
     # --- model -------------------------------------------------------------------------------------
@@ -132,6 +136,7 @@ class TrainingEngine:
 
     def reset_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), **self.optimizer_args)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, **self.lr_shape))
 
     # --- compute -----------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -176,8 +181,9 @@ class TrainingEngine:
             loss.backward()
             norms.append(self._clip_grad_norm())
             self.optimizer.step()
+            self.scheduler.step()
             losses.append(loss.item())
-        return {"loss": sum(losses) / len(losses), "grad_norm": max(norms),
+        return {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": self.scheduler.get_last_lr()[0],
                 "train_seconds": time.perf_counter() - start}
 
     def _clip_grad_norm(self) -> float:
@@ -201,6 +207,16 @@ class TrainingEngine:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lr_factor(step: int, warmup: int, decay: str, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant or cosine decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _pad(samples: list[Sample]) -> dict[str, torch.Tensor]:

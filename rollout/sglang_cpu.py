@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 STUBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_stubs")
 
@@ -20,6 +21,9 @@ STUBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_stubs"
 def apply() -> None:
     """Prepare this process (and its future children) to run SGLang on CPU. Idempotent."""
     os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    # SGLang warns at import, in every process, that CUDA-only kernels (AWQ, GGUF, Triton) are absent.
+    os.environ["PYTHONWARNINGS"] = "ignore::UserWarning"
+    warnings.filterwarnings("ignore", category=UserWarning)
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if STUBS_DIR not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([STUBS_DIR, *paths])

@@ -1,0 +1,17 @@
+# The two set-up commands of the README. Both bootstrap .venv (scripts/setup_env.sh) when missing.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: env train test clean
+
+env:
+	@bash scripts/setup_env.sh
+
+train: env
+	$(PY) -m rl.train $(ARGS)
+
+test: env
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

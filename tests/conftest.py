@@ -1,0 +1,45 @@
+"""Shared fixtures: the project's tiny models (built locally, never downloaded)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from rl.config import ModelConfig, TaskConfig, WarmStartConfig
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> str:
+    """The warm-started demo model the default run uses (built once, cached in .cache/models)."""
+    from rl.warm_start import demo_model_path
+
+    return demo_model_path(ModelConfig(), WarmStartConfig(), TaskConfig())
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> str:
+    """A randomly initialised tiny Qwen2 (GQA, qkv bias, untied embeddings) in HF format."""
+    from rl.tiny_model import create_tiny_qwen2
+
+    return create_tiny_qwen2(str(tmp_path_factory.mktemp("random-qwen2")), hidden_size=64, num_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, seed=3)
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def stub_log(tmp_path, monkeypatch) -> str:
+    """A file every call to a CPU stand-in (rollout/cpu_stubs) is recorded in; it must stay empty."""
+    path = str(tmp_path / "stub_calls.log")
+    monkeypatch.setenv("TANDEM_CPU_STUB_LOG", path)
+    return path
+
+
+def stub_calls(path: str) -> list[str]:
+    return open(path).read().split() if os.path.exists(path) else []

@@ -1,0 +1,55 @@
+"""Bad configs stop before any actor starts, with one line naming the field."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rl.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"model": {"path": "/no/such/model"}}, "model.path"),
+    ({"trainer": {"tensor_parallel_size": 3}}, "trainer.tensor_parallel_size"),
+    ({"rollout": {"tensor_parallel_size": 3}}, "rollout.tensor_parallel_size"),
+    ({"rollout": {"samples_per_prompt": 1}}, "rollout.samples_per_prompt"),
+    ({"trainer": {"lr": -1e-3}}, "trainer.lr"),
+    ({"rollout": {"temperature": 0.0}}, "rollout.temperature"),
+    ({"trainer": {"lr": "fast"}}, "trainer.lr"),
+    ({"algorithm": {"objective": "ppo"}}, "algorithm.objective"),
+])
+def test_bad_value_names_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(override)
+    message = str(err.value)
+    assert message.startswith(field + ":"), message
+    assert "\n" not in message
+
+
+def test_tp_checked_against_the_model_directory(random_model):
+    # The random model has 4 heads and 2 key/value heads: TP=4 divides the heads but not the kv heads.
+    with pytest.raises(ConfigError, match=r"^trainer.tensor_parallel_size: must divide the number of key/value heads"):
+        load_config({"model": {"path": random_model}, "trainer": {"tensor_parallel_size": 4}})
+    assert load_config({"model": {"path": random_model}, "trainer": {"tensor_parallel_size": 2}})
+
+
+def test_default_config_is_valid():
+    config = load_config({})
+    assert config.rollout.samples_per_prompt >= 2 and config.model.path is None
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.path=/no/such/model", "model.path"),
+    ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
+    ("trainer.lr=-0.1", "trainer.lr"),
+    ("trainer.tensor_parallel_size=3", "trainer.tensor_parallel_size"),
+])
+def test_cli_rejects_bad_config_before_starting_anything(override, field, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rl.train", override, f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines == [l for l in lines if l.startswith("config error: " + field + ":")] and len(lines) == 1, proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

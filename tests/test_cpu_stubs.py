@@ -1,0 +1,33 @@
+"""The CPU stand-ins for CUDA-only packages import, and refuse (and record) any call."""
+import subprocess
+import sys
+
+from rollout import sglang_cpu
+
+
+def test_stub_call_raises_and_is_recorded(tmp_path):
+    log = tmp_path / "calls.log"
+    code = (
+        "import sgl_kernel, torchvision.transforms as T\n"
+        "from sgl_kernel import fused_add_rmsnorm\n"
+        "try:\n    fused_add_rmsnorm(1, 2)\nexcept NotImplementedError as e:\n    print('refused', e)\n"
+        "print(type(T.InterpolationMode.BICUBIC).__name__)\n"
+    )
+    env = {"PYTHONPATH": sglang_cpu.STUBS_DIR, "TANDEM_CPU_STUB_LOG": str(log), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused sgl_kernel.fused_add_rmsnorm is a CPU stand-in" in proc.stdout
+    assert log.read_text().split() == ["sgl_kernel.fused_add_rmsnorm"]
+
+
+def test_stubs_are_not_visible_unless_applied():
+    proc = subprocess.run([sys.executable, "-c", "import sgl_kernel"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "No module named 'sgl_kernel'" in proc.stderr
+
+
+def test_transformers_does_not_mistake_the_stub_for_torchvision():
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from transformers.utils import is_torchvision_available\n"
+            "print(is_torchvision_available())" % sglang_cpu.STUBS_DIR)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().endswith("False"), proc.stdout + proc.stderr

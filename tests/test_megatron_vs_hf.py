@@ -1,0 +1,55 @@
+"""Megatron-core's logits on CPU equal HF transformers' for the same weights, for TP=1 and TP=2 (gloo)."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import Qwen2ForCausalLM
+
+TOLERANCE = 1e-4
+
+
+def _worker(rank, world_size, model_path, port, input_ids, perturb, out_path):
+    from rl.training_engine import TrainingEngine
+
+    engine = TrainingEngine(model_path, rank=rank, world_size=world_size, master_port=port,
+                            tensor_parallel_size=world_size, device="cpu")
+    if perturb:  # a wrong weight must be detected: the check is not vacuous
+        with torch.no_grad():
+            engine.model.decoder.layers[0].mlp.linear_fc2.weight.add_(1e-2)
+    with torch.no_grad():
+        local = engine.logits(input_ids)  # [b, s, vocab / TP]
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local)
+    if rank == 0:
+        torch.save(torch.cat(parts, dim=-1), out_path)
+    engine.shutdown()
+
+
+def _megatron_logits(model_path, tp, input_ids, port, tmp_path, perturb=False):
+    out = tmp_path / f"logits_tp{tp}_{perturb}.pt"
+    mp.start_processes(_worker, args=(tp, model_path, port, input_ids, perturb, str(out)), nprocs=tp,
+                       join=True, start_method="spawn")
+    return torch.load(out)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_logits_equal_hf(random_model, tp, free_port, tmp_path):
+    torch.manual_seed(0)
+    input_ids = torch.randint(2, 64, (3, 17))
+    hf = Qwen2ForCausalLM.from_pretrained(random_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids).logits
+    got = _megatron_logits(random_model, tp, input_ids, free_port, tmp_path)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.multiproc
+def test_logit_comparison_detects_a_wrong_weight(random_model, free_port, tmp_path):
+    input_ids = torch.randint(2, 64, (2, 9))
+    hf = Qwen2ForCausalLM.from_pretrained(random_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids).logits
+    got = _megatron_logits(random_model, 2, input_ids, free_port, tmp_path, perturb=True)
+    assert (got - expected).abs().max().item() > TOLERANCE
