@@ -85,7 +85,7 @@ class EvalConfig:
 @dataclass
 class TrainerConfig:
     tensor_parallel_size: int = 1
-    lr: float = 4e-4
+    lr: float = 5e-4
     lr_warmup_steps: int = 10  # linear warm-up: Adam's first steps are sign-like and wreck a fine-tuned policy
     lr_decay: str = "cosine"  # constant | cosine (from lr after warm-up to lr * min_lr_ratio at the last step)
     min_lr_ratio: float = 0.1

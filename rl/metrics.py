@@ -46,4 +46,7 @@ class MetricsLogger:
         self.progress.stop()
         self.file.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            wandb.teardown()  # stop wandb's service now, not in an atexit hook racing other shutdowns

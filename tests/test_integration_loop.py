@@ -18,6 +18,7 @@ def _run(demo_model, run_dir, **overrides):
     config = load_config({
         "steps": 3, "model": {"path": demo_model},
         "rollout": {"prompts_per_step": 8, "samples_per_prompt": 4},
+        "eval": {"every": 2, "prompts": 16},
         "logging": {"wandb_mode": "offline", "run_dir": str(run_dir)},
         **overrides,
     })
@@ -36,9 +37,11 @@ def _check_steps(metrics, run_dir):
         assert m["weight_version"] == i  # and every step pushes a new version
         assert 0.0 <= m["reward_mean"] <= 1.0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
     lines = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
-    assert [l["step"] for l in lines] == [1, 2, 3]
-    assert {"rollout_seconds", "reward_seconds", "train_seconds", "sync_seconds", "accuracy",
-            "response_length"} <= set(lines[0])
+    assert [l["step"] for l in lines] == [0, 1, 2, 3]
+    # Held-out accuracy before training, every `eval.every` steps, and at the last step.
+    assert [l["step"] for l in lines if "eval_accuracy" in l] == [0, 2, 3]
+    assert {"rollout_seconds", "reward_seconds", "train_seconds", "sync_seconds", "accuracy", "reward_mean",
+            "response_length", "loss", "logprob_mismatch_max", "weight_version"} <= set(lines[1])
     assert list(run_dir.glob("wandb/offline-run-*")), "wandb offline run directory missing"
 
 
