@@ -122,7 +122,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    steps: int = 100
+    steps: int = 120
     seed: int = 0
 
 

@@ -95,18 +95,21 @@ class RLLoop:
         return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference)
                 for i, p in enumerate(problems) for _ in range(samples_per_prompt)]
 
-    def _generate_and_score(self, samples: list[Sample]) -> list[Sample]:
+    def _generate(self, samples: list[Sample]) -> list[Sample]:
         r = self.config.rollout
-        samples = ray.get(self.engines.rollout.generate.remote(samples, r.max_new_tokens, r.temperature),
-                          timeout=self.config.trainer.timeout_s)
+        return ray.get(self.engines.rollout.generate.remote(samples, r.max_new_tokens, r.temperature),
+                       timeout=self.config.trainer.timeout_s)
+
+    @staticmethod
+    def _score(samples: list[Sample]) -> None:
         for s in samples:
             s.reward = exact_match(s.response, s.reference)
-        return samples
 
     def evaluate(self) -> float:
         """Accuracy on held-out prompts (a range of the task stream training never reaches), one sample each."""
-        samples = self.make_samples(EVAL_STREAM_START, self.config.eval.prompts, 1)
-        return sum(float(s.reward) for s in self._generate_and_score(samples)) / len(samples)
+        samples = self._generate(self.make_samples(EVAL_STREAM_START, self.config.eval.prompts, 1))
+        self._score(samples)
+        return sum(float(s.reward) for s in samples) / len(samples)
 
     def step(self) -> dict[str, float]:
         c, timeout = self.config, self.config.trainer.timeout_s
@@ -115,8 +118,9 @@ class RLLoop:
         samples = self.make_samples(self.step_index * r.prompts_per_step, r.prompts_per_step, r.samples_per_prompt)
 
         t0 = time.perf_counter()
-        samples = self._generate_and_score(samples)
+        samples = self._generate(samples)
         t1 = time.perf_counter()
+        self._score(samples)
         group_mean_advantages(samples)
         t2 = time.perf_counter()
 
@@ -139,7 +143,7 @@ class RLLoop:
 
         rewards = [float(s.reward) for s in samples]
         metrics = {
-            "accuracy": sum(r == 1.0 for r in rewards) / len(rewards),
+            "accuracy": sum(reward == 1.0 for reward in rewards) / len(rewards),
             "reward_mean": sum(rewards) / len(rewards),
             "response_length": sum(len(s.response_ids) for s in samples) / len(samples),
             "loss": train["loss"],
@@ -152,6 +156,7 @@ class RLLoop:
             "reward_seconds": t2 - t1,
             "train_seconds": t3 - t2,
             "sync_seconds": t4 - t3,
+            "sync_load_seconds": sync["sync_load_seconds"],
             "step_seconds": t4 - step_start,
         }
         self.step_index += 1

@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLogger:
-    CONSOLE_KEYS = ("accuracy", "eval_accuracy", "response_length", "loss", "logprob_mismatch_max",
-                    "weight_version", "step_seconds")
+    # metric -> short console label (every metric goes to metrics.jsonl and wandb in full)
+    CONSOLE_KEYS = {"accuracy": "acc", "eval_accuracy": "eval_acc", "response_length": "len", "loss": "loss",
+                    "logprob_mismatch_max": "mismatch", "weight_version": "v", "step_seconds": "s"}
 
     def __init__(self, run_dir: str, config: Any, total_steps: int, wandb_mode: str, wandb_project: str):
         os.makedirs(run_dir, exist_ok=True)
@@ -36,8 +37,7 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        shown = " ".join(f"{k.replace('logprob_mismatch_max', 'mismatch')}={metrics[k]:.3g}"
-                         for k in self.CONSOLE_KEYS if k in metrics)
+        shown = " ".join(f"{label}={metrics[k]:.3g}" for k, label in self.CONSOLE_KEYS.items() if k in metrics)
         self.progress.console.print(f"step {step:>4}  {shown}")
         if step > 0:
             self.progress.update(self.task, advance=1, description=f"acc {metrics.get('accuracy', 0):.2f}")

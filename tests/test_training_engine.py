@@ -1,0 +1,64 @@
+"""The training engine's optimizer step moves the policy the way the Kimi loss says, and its lr schedule."""
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rl.algorithms import group_mean_advantages
+from rl.sample import Sample
+from rl.training_engine import lr_factor
+
+
+def _sgd_step(model_path, port, rewards, out_path):
+    from transformers import AutoTokenizer
+
+    from rl.training_engine import TrainingEngine
+
+    engine = TrainingEngine(model_path, master_port=port, device="cpu")
+    engine.optimizer = torch.optim.SGD(engine.model.parameters(), lr=0.05)  # a step along the gradient itself
+    tok = AutoTokenizer.from_pretrained(model_path)
+    responses = ["64", "99", "1", "46"]
+    samples = [Sample(group_id=0, prompt="12+34=", prompt_ids=tok.encode("12+34="), reference="64",
+                      response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(responses, rewards)]
+    group_mean_advantages(samples)
+    before = engine.compute_logprobs(samples)
+    for s, lp in zip(samples, before):
+        s.old_logprobs = lp
+    metrics = engine.train_step(samples, tau=0.0)
+    after = engine.compute_logprobs(samples)
+    torch.save({"before": before, "after": after, "metrics": metrics}, out_path)
+    engine.shutdown()
+
+
+def _run(model_path, port, rewards, tmp_path):
+    out = tmp_path / "result.pt"
+    proc = mp.get_context("spawn").Process(target=_sgd_step, args=(model_path, port, rewards, str(out)))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
+    return torch.load(out)
+
+
+@pytest.mark.multiproc
+def test_step_raises_the_rewarded_response_and_lowers_the_others(random_model, free_port, tmp_path):
+    result = _run(random_model, free_port, [1.0, 0.0, 0.0, 0.0], tmp_path)
+    change = [sum(a) - sum(b) for a, b in zip(result["after"], result["before"])]
+    assert change[0] > 0 and all(c < 0 for c in change[1:]), change
+    assert math.isfinite(result["metrics"]["loss"]) and result["metrics"]["grad_norm"] > 0
+
+
+@pytest.mark.multiproc
+def test_equal_rewards_give_no_gradient(random_model, free_port, tmp_path):
+    result = _run(random_model, free_port, [1.0, 1.0, 1.0, 1.0], tmp_path)
+    assert result["metrics"]["grad_norm"] == 0.0
+    assert result["after"] == result["before"]
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    shape = dict(warmup=4, decay="cosine", total=14, min_ratio=0.1)
+    factors = [lr_factor(step, **shape) for step in range(14)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert math.isclose(factors[-1], 0.1)
+    assert lr_factor(100, warmup=0, decay="constant", total=0, min_ratio=0.1) == 1.0
