@@ -44,7 +44,12 @@ def _run(model_path, port, rewards, tmp_path):
 def test_step_raises_the_rewarded_response_and_lowers_the_others(random_model, free_port, tmp_path):
     result = _run(random_model, free_port, [1.0, 0.0, 0.0, 0.0], tmp_path)
     change = [sum(a) - sum(b) for a, b in zip(result["after"], result["before"])]
-    assert change[0] > 0 and all(c < 0 for c in change[1:]), change
+    advantages = [0.75, -0.25, -0.25, -0.25]
+    # A small step along the gradient raises the objective sum_i A_i * logp_i (first order) ...
+    assert sum(a * c for a, c in zip(advantages, change)) > 0, change
+    # ... here by raising the rewarded response and lowering the others in total. (One of them, "46",
+    # shares every token with "64" and may rise a little with it.)
+    assert change[0] > 0 and sum(change[1:]) < 0, change
     assert math.isfinite(result["metrics"]["loss"]) and result["metrics"]["grad_norm"] > 0
 
 
