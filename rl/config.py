@@ -64,6 +64,9 @@ class RolloutConfig:
     max_total_tokens: int = 8192  # SGLang KV-cache cap; its default pre-allocates GBs on CPU
     tensor_parallel_size: int = 1
     mem_fraction_static: float = 0.3  # share of the (colocated) GPU SGLang may take; unused on CPU
+    # Free SGLang's weights and KV cache while the colocated trainer works (CUDA only: needs SGLang's
+    # memory saver; on CPU SGLang's release/resume calls have no effect, so this is skipped).
+    release_memory_during_train: bool = False
 
 
 @dataclass

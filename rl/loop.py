@@ -49,13 +49,15 @@ class Engines:
         device = resolve_device(config.cluster.device)
         port = _free_port()
         t = config.trainer
+        trainer_args = dict(
+            world_size=tp, master_addr="127.0.0.1", master_port=port, tensor_parallel_size=tp, device=device,
+            lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay=t.lr_decay, min_lr_ratio=t.min_lr_ratio,
+            lr_decay_steps=config.steps * config.algorithm.updates_per_step, weight_decay=t.weight_decay,
+            adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
         trainer_cls = ray.remote(TrainingEngine)
         trainers = [
             trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
-                model_path, rank=rank, world_size=tp, master_addr="127.0.0.1", master_port=port,
-                tensor_parallel_size=tp, device=device, lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay=t.lr_decay,
-                lr_decay_steps=config.steps * config.algorithm.updates_per_step, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
-                adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
+                model_path, rank=rank, **trainer_args)
             for rank in range(tp)
         ]
         r = config.rollout
@@ -63,7 +65,7 @@ class Engines:
             num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, 0)).remote(
             model_path, device=device, tensor_parallel_size=r.tensor_parallel_size,
             max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static,
-            seed=config.seed)
+            seed=config.seed, release_memory_during_train=r.release_memory_during_train)
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         ray.get([a.__ray_ready__.remote() for a in [*trainers, rollout]], timeout=timeout)
         return cls(trainers, rollout, ObjectStoreWeightSync(trainers, [rollout], timeout), pg)
@@ -173,12 +175,14 @@ def run(config: Config, run_dir: str) -> list[dict[str, float]]:
     model_path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engines = Engines.start(config, model_path)
-    logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
     try:
-        loop = RLLoop(config, engines, tokenizer, logger)
-        if config.eval.every:
-            logger.log(0, {"eval_accuracy": loop.evaluate(), "weight_version": 0})
-        return [loop.step() for _ in range(config.steps)]
+        logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
+        try:
+            loop = RLLoop(config, engines, tokenizer, logger)
+            if config.eval.every:
+                logger.log(0, {"eval_accuracy": loop.evaluate(), "weight_version": 0})
+            return [loop.step() for _ in range(config.steps)]
+        finally:
+            logger.close()
     finally:
-        logger.close()
         engines.shutdown()

@@ -45,8 +45,8 @@ class TrainingEngine:
     def __init__(self, model_path: str, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
                  master_port: int = 29500, tensor_parallel_size: int = 1, device: str = "auto",
                  lr: float = 1e-3, lr_warmup_steps: int = 0, lr_decay: str = "constant",
-                 lr_decay_steps: int = 0, min_lr_ratio: float = 0.0, weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.999),
-                 grad_clip: float = 1.0, seed: int = 0, timeout_s: float = 300.0):
+                 lr_decay_steps: int = 0, min_lr_ratio: float = 0.0, weight_decay: float = 0.0,
+                 adam_betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0, timeout_s: float = 300.0):
         from megatron.core import parallel_state
 
         self.device = resolve_device(device)
@@ -152,7 +152,8 @@ class TrainingEngine:
         logits = self.logits(input_ids)[:, :-1] / temperature
         targets = input_ids[:, 1:].to(self.device)
         # Megatron's vocab-parallel cross entropy is the exact -log softmax across TP ranks.
-        return -vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.transpose(0, 1).contiguous()).transpose(0, 1)
+        nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.transpose(0, 1).contiguous())
+        return -nll.transpose(0, 1)
 
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
