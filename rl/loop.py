@@ -133,7 +133,7 @@ class RLLoop:
             s.old_logprobs = lp
             mismatch = max([mismatch, *(abs(a - b) for a, b in zip(lp, s.rollout_logprobs))])
         if c.algorithm.reset_optimizer_each_step:
-            self._call_trainers("reset_optimizer")
+            self._call_trainers("reset_optimizer_state")
         train = self._call_trainers("train_step", samples, c.algorithm.tau, c.rollout.temperature,
                                     c.algorithm.updates_per_step)
         t3 = time.perf_counter()

@@ -77,9 +77,10 @@ class TrainingEngine:
             raise ValueError(f"vocab size {self.hf_config.vocab_size} is not divisible by TP={tensor_parallel_size}")
         self.model = self._build_model()
         self.load_hf_weights(load_hf_state_dict(model_path))
-        self.optimizer_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(adam_betas))
-        self.lr_shape = dict(warmup=lr_warmup_steps, decay=lr_decay, total=lr_decay_steps, min_ratio=min_lr_ratio)
-        self.reset_optimizer()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay,
+                                           betas=tuple(adam_betas))
+        shape = dict(warmup=lr_warmup_steps, decay=lr_decay, total=lr_decay_steps, min_ratio=min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, **shape))
 
     # --- model -------------------------------------------------------------------------------------
     def _build_model(self):
@@ -134,9 +135,9 @@ class TrainingEngine:
             return None
         return {k: v.cpu() for k, v in megatron_to_hf(shards, self.geometry).items()}
 
-    def reset_optimizer(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), **self.optimizer_args)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, **self.lr_shape))
+    def reset_optimizer_state(self) -> None:
+        """Forget Adam's moments (K1.5 resets the optimizer every iteration); the lr schedule goes on."""
+        self.optimizer.state.clear()
 
     # --- compute -----------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -181,10 +182,11 @@ class TrainingEngine:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(self._clip_grad_norm())
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             self.optimizer.step()
             self.scheduler.step()
             losses.append(loss.item())
-        return {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": self.scheduler.get_last_lr()[0],
+        return {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr,
                 "train_seconds": time.perf_counter() - start}
 
     def _clip_grad_norm(self) -> float:

@@ -31,9 +31,28 @@ def _sgd_step(model_path, port, rewards, out_path):
     engine.shutdown()
 
 
-def _run(model_path, port, rewards, tmp_path):
+def _reset_between_adam_steps(model_path, port, rewards, out_path):
+    from transformers import AutoTokenizer
+
+    from rl.training_engine import TrainingEngine
+
+    engine = TrainingEngine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    samples = [Sample(group_id=0, prompt="1+1=", prompt_ids=tok.encode("1+1="), reference="2",
+                      response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(["2", "3"], rewards)]
+    group_mean_advantages(samples)
+    lrs = [engine.train_step(samples, tau=0.0)["lr"]]
+    had_state = len(engine.optimizer.state) > 0
+    engine.reset_optimizer_state()
+    cleared = len(engine.optimizer.state) == 0
+    lrs.append(engine.train_step(samples, tau=0.0)["lr"])
+    torch.save({"lrs": lrs, "had_state": had_state, "cleared": cleared}, out_path)
+    engine.shutdown()
+
+
+def _run(model_path, port, rewards, tmp_path, target=_sgd_step):
     out = tmp_path / "result.pt"
-    proc = mp.get_context("spawn").Process(target=_sgd_step, args=(model_path, port, rewards, str(out)))
+    proc = mp.get_context("spawn").Process(target=target, args=(model_path, port, rewards, str(out)))
     proc.start()
     proc.join(timeout=300)
     assert proc.exitcode == 0
@@ -58,6 +77,13 @@ def test_equal_rewards_give_no_gradient(random_model, free_port, tmp_path):
     result = _run(random_model, free_port, [1.0, 1.0, 1.0, 1.0], tmp_path)
     assert result["metrics"]["grad_norm"] == 0.0
     assert result["after"] == result["before"]
+
+
+@pytest.mark.multiproc
+def test_optimizer_reset_clears_adam_state_but_keeps_the_lr_schedule(random_model, free_port, tmp_path):
+    result = _run(random_model, free_port, [1.0, 0.0], tmp_path, target=_reset_between_adam_steps)
+    assert result["had_state"] and result["cleared"]
+    assert result["lrs"] == pytest.approx([1e-3 * 1 / 4, 1e-3 * 2 / 4])  # warm-up continued, not restarted
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
