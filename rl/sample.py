@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 
 @dataclass
@@ -21,13 +21,7 @@ class Sample:
     reward: Optional[float] = None
     advantage: Optional[float] = None
     old_logprobs: list[float] = field(default_factory=list)  # trainer's logprobs under pi_old
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.response_ids
-
-    @property
-    def loss_mask(self) -> list[int]:
-        """1 on response tokens (trained), 0 on prompt tokens; aligned with `tokens`."""
-        return [0] * len(self.prompt_ids) + [1] * len(self.response_ids)
