@@ -46,7 +46,8 @@ class TrainingEngine:
                  master_port: int = 29500, tensor_parallel_size: int = 1, device: str = "auto",
                  lr: float = 1e-3, lr_warmup_steps: int = 0, lr_decay: str = "constant",
                  lr_decay_steps: int = 0, min_lr_ratio: float = 0.0, weight_decay: float = 0.0,
-                 adam_betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0, timeout_s: float = 300.0):
+                 adam_betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0,
+                 timeout_s: float = 300.0):
         from megatron.core import parallel_state
 
         self.device = resolve_device(device)
