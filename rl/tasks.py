@@ -3,8 +3,7 @@
 Prompts look like ``"47+8="``; the reference answer is ``"55"``, or, with `reverse_answer`, the sum
 written least-significant digit first (``"38+5="`` -> ``"34"``): the order in which carries are
 computed, which a tiny transformer learns in a few hundred supervised steps instead of thousands.
-Sampling is deterministic in
-(seed, position), so a run can resume its data stream from a step counter.
+Sampling is deterministic in (seed, position), so a run can resume its data stream from a step counter.
 """
 from __future__ import annotations
 
