@@ -31,6 +31,33 @@ def group_mean_advantages(samples: list[Sample]) -> None:
             s.advantage = float(s.reward) - mean  # type: ignore[arg-type]
 
 
+def group_mean_weights(group_ids: torch.Tensor) -> torch.Tensor:
+    """Each sample's weight in "mean over groups of the mean over the group": 1 / (groups * group size).
+
+    Per-sample weights keep the loss separable, so any split into micro-batches or data-parallel
+    ranks adds up to the same total.
+    """
+    _, group_index, group_sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    return 1.0 / (len(group_sizes) * group_sizes[group_index].to(torch.float32))
+
+
+def kimi_k2_sample_losses(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """Per-sample Kimi K2 surrogate, -(A_i * logp_i - tau/2 * (logp_i - logp_old_i)^2): [batch].
+
+    logprobs, old_logprobs, loss_mask: [batch, seq] per-token values (mask 1 on trained tokens).
+    """
+    mask = loss_mask.to(logprobs.dtype)
+    logp_seq = (logprobs * mask).sum(dim=-1)
+    logp_old_seq = (old_logprobs * mask).sum(dim=-1)
+    return -(advantages * logp_seq - 0.5 * tau * (logp_seq - logp_old_seq) ** 2)
+
+
 def kimi_k2_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -39,16 +66,7 @@ def kimi_k2_loss(
     group_ids: torch.Tensor,
     tau: float,
 ) -> torch.Tensor:
-    """Sequence-level Kimi K2 surrogate loss.
-
-    logprobs, old_logprobs, loss_mask: [batch, seq] per-token values (mask 1 on trained tokens);
-    advantages, group_ids: [batch]. Returns the mean over groups of the per-group loss.
-    """
-    mask = loss_mask.to(logprobs.dtype)
-    logp_seq = (logprobs * mask).sum(dim=-1)
-    logp_old_seq = (old_logprobs * mask).sum(dim=-1)
-    per_sample = advantages * logp_seq - 0.5 * tau * (logp_seq - logp_old_seq) ** 2
-    _, group_index, group_sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    per_group = torch.zeros(len(group_sizes), dtype=logprobs.dtype, device=logprobs.device)
-    per_group = per_group.index_add(0, group_index, per_sample) / group_sizes.to(logprobs.dtype)
-    return -per_group.mean()
+    """Sequence-level Kimi K2 surrogate loss: the mean over groups of the per-group mean of
+    `kimi_k2_sample_losses`. advantages, group_ids: [batch]."""
+    weights = group_mean_weights(group_ids).to(logprobs.device, logprobs.dtype)
+    return (weights * kimi_k2_sample_losses(logprobs, old_logprobs, advantages, loss_mask, tau)).sum()

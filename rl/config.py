@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
+
+from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
 
 
 class ConfigError(ValueError):
@@ -88,6 +91,11 @@ class EvalConfig:
 @dataclass
 class TrainerConfig:
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1  # carved out of the data-parallel ranks: must divide DP
+    world_size: Optional[int] = None  # training processes (one per GPU); None: TP * PP, i.e. DP = 1
+    micro_batch_tokens: int = 8192  # padded tokens (rows x width) per micro-batch and DP rank
+    vocab_pad_multiple: int = 1  # pad the vocabulary to a multiple of this x TP (Megatron-LM uses 128)
     lr: float = 5e-4
     lr_warmup_steps: int = 10  # linear warm-up: Adam's first steps are sign-like and wreck a fine-tuned policy
     lr_decay: str = "cosine"  # constant | cosine (from lr after warm-up to lr * min_lr_ratio at the last step)
@@ -166,12 +174,18 @@ def validate(c: Config) -> None:
     _require(heads % kv_heads == 0, "model.num_key_value_heads",
              "must divide the number of attention heads", kv_heads)
 
-    for section, tp in (("trainer", c.trainer.tensor_parallel_size), ("rollout", c.rollout.tensor_parallel_size)):
-        field_name = f"{section}.tensor_parallel_size"
-        _require(tp >= 1, field_name, "must be >= 1", tp)
-        _require(heads % tp == 0, field_name, f"must divide the number of attention heads ({heads})", tp)
-        _require(kv_heads % tp == 0, field_name,
-                 f"must divide the number of key/value heads ({kv_heads})", tp)
+    t = c.trainer
+    try:
+        trainer_layout(c).check(**_model_shape(c))
+    except LayoutError as exc:
+        raise ConfigError(str(exc)) from None
+    _require(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be >= 1", t.micro_batch_tokens)
+    _require(t.vocab_pad_multiple >= 1, "trainer.vocab_pad_multiple", "must be >= 1", t.vocab_pad_multiple)
+    tp = c.rollout.tensor_parallel_size
+    _require(tp >= 1, "rollout.tensor_parallel_size", "must be >= 1", tp)
+    _require(heads % tp == 0, "rollout.tensor_parallel_size", f"must divide the number of attention heads ({heads})", tp)
+    _require(kv_heads % tp == 0, "rollout.tensor_parallel_size",
+             f"must divide the number of key/value heads ({kv_heads})", tp)
 
     r = c.rollout
     _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
@@ -190,7 +204,6 @@ def validate(c: Config) -> None:
     _require(r.prompts_per_step % a.updates_per_step == 0, "algorithm.updates_per_step",
              "must divide rollout.prompts_per_step", a.updates_per_step)
 
-    t = c.trainer
     _require(t.lr > 0, "trainer.lr", "must be > 0", t.lr)
     _require(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0", t.lr_warmup_steps)
     _require(t.lr_decay in ("constant", "cosine"), "trainer.lr_decay", "must be constant or cosine", t.lr_decay)
@@ -213,6 +226,21 @@ def validate(c: Config) -> None:
     _require(c.cluster.device in ("auto", "cpu", "cuda"), "cluster.device", "must be auto, cpu or cuda", c.cluster.device)
     _require(c.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              "must be offline, online or disabled", c.logging.wandb_mode)
+
+
+def trainer_layout(c: Config) -> ParallelLayout:
+    t = c.trainer
+    world = t.world_size if t.world_size is not None else t.tensor_parallel_size * t.pipeline_parallel_size
+    return ParallelLayout(world, t.tensor_parallel_size, t.pipeline_parallel_size, t.expert_parallel_size)
+
+
+def _model_shape(c: Config) -> dict:
+    """What a parallel layout is checked against: from the model directory when given, else the demo shape."""
+    if c.model.path is not None:
+        return model_shape(AutoConfig.from_pretrained(c.model.path))
+    m = c.model
+    return dict(num_layers=m.num_layers, num_heads=m.num_attention_heads, num_kv_heads=m.num_key_value_heads,
+                num_experts=None)
 
 
 def _model_heads(c: Config) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from checkpoint_engine import ObjectStoreWeightSync
 from rewards import exact_match
 from rl.algorithms import group_mean_advantages
 from rl.cluster import colocated_bundles, in_bundle, start_ray
-from rl.config import Config
+from rl.config import Config, trainer_layout
 from rl.metrics import MetricsLogger
 from rl.sample import Sample
 from rl.tasks import AdditionTask
@@ -35,22 +35,24 @@ def _free_port() -> int:
 @dataclass
 class Engines:
     """The actors of one colocated RL job."""
-    trainers: list  # one per tensor-parallel rank, trainer i in bundle i
+    trainers: list  # one per training rank (TP x PP x DP), trainer i in bundle i
     rollout: object  # the SGLang engine, in bundle 0 beside trainer rank 0
     sync: ObjectStoreWeightSync
     placement_group: object
 
     @classmethod
     def start(cls, config: Config, model_path: str) -> "Engines":
-        tp = config.trainer.tensor_parallel_size
-        start_ray(config.cluster, num_bundles=tp)
+        world = trainer_layout(config).world_size
+        start_ray(config.cluster, num_bundles=world)
         timeout = config.trainer.timeout_s
-        pg = colocated_bundles(tp, timeout)
+        pg = colocated_bundles(world, timeout)
         device = resolve_device(config.cluster.device)
         port = _free_port()
         t = config.trainer
         trainer_args = dict(
-            world_size=tp, master_addr="127.0.0.1", master_port=port, tensor_parallel_size=tp, device=device,
+            world_size=world, master_addr="127.0.0.1", master_port=port, tensor_parallel_size=t.tensor_parallel_size,
+            pipeline_parallel_size=t.pipeline_parallel_size, expert_parallel_size=t.expert_parallel_size,
+            micro_batch_tokens=t.micro_batch_tokens, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
             lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay=t.lr_decay, min_lr_ratio=t.min_lr_ratio,
             lr_decay_steps=config.steps * config.algorithm.updates_per_step, weight_decay=t.weight_decay,
             adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
@@ -58,7 +60,7 @@ class Engines:
         trainers = [
             trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
                 model_path, rank=rank, **trainer_args)
-            for rank in range(tp)
+            for rank in range(world)
         ]
         r = config.rollout
         rollout = ray.remote(RolloutEngine).options(

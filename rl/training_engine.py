@@ -1,9 +1,11 @@
-"""The training engine: one tensor-parallel rank of a Megatron-core `GPTModel` loaded from HF weights.
+"""The training engine: one rank of a Megatron-core `GPTModel` loaded from HF weights.
 
-It computes per-token logprobs of sampled responses and takes optimizer steps on the Kimi objective.
-The same class runs in a Ray actor (the RL loop) or in a plain process (multi-process tests).
-On CPU it uses gloo and the accommodations in `rl.megatron_cpu`; on CUDA, NCCL and Megatron's own
-modules, with no other difference.
+A rank holds its tensor- (TP), pipeline- (PP) and expert-parallel (EP) shard and one data-parallel
+(DP) slice of every batch. It computes per-token logprobs of sampled responses and takes optimizer
+steps on the Kimi objective with Megatron's own pipeline schedules, `DistributedDataParallel` and
+parallel state. The same class runs in a Ray actor (the RL loop) or a plain process (multi-process
+tests). On CPU it uses gloo and the accommodations in `rl.megatron_cpu`; on CUDA, NCCL, with no other
+difference.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from rl.algorithms import kimi_k2_loss
-from rl.hf_megatron import Geometry, hf_to_megatron, megatron_to_hf
+from rl import architectures
+from rl.algorithms import group_mean_weights, kimi_k2_sample_losses
+from rl.micro_batches import MicroBatch, split_micro_batches
+from rl.model_sharding import gather_full_state, load_full_state
+from rl.parallel_layout import ParallelLayout, model_shape
 from rl.sample import Sample
 
 
@@ -43,16 +47,21 @@ def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 class TrainingEngine:
     def __init__(self, model_path: str, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
-                 master_port: int = 29500, tensor_parallel_size: int = 1, device: str = "auto",
-                 lr: float = 1e-3, lr_warmup_steps: int = 0, lr_decay: str = "constant",
-                 lr_decay_steps: int = 0, min_lr_ratio: float = 0.0, weight_decay: float = 0.0,
-                 adam_betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0,
+                 master_port: int = 29500, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 expert_parallel_size: int = 1, device: str = "auto", lr: float = 1e-3,
+                 lr_warmup_steps: int = 0, lr_decay: str = "constant", lr_decay_steps: int = 0,
+                 min_lr_ratio: float = 0.0, weight_decay: float = 0.0,
+                 adam_betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0,
+                 micro_batch_tokens: int = 8192, vocab_pad_multiple: int = 1, seed: int = 0,
                  timeout_s: float = 300.0):
         from megatron.core import parallel_state
 
+        self.hf_config = AutoConfig.from_pretrained(model_path)
+        self.layout = ParallelLayout(world_size, tensor_parallel_size, pipeline_parallel_size,
+                                     expert_parallel_size).check(**model_shape(self.hf_config))
         self.device = resolve_device(device)
         self.rank, self.tp = rank, tensor_parallel_size
-        self.grad_clip = grad_clip
+        self.grad_clip, self.micro_batch_tokens = grad_clip, micro_batch_tokens
         if self.device == "cpu":
             from rl import megatron_cpu
 
@@ -67,16 +76,25 @@ class TrainingEngine:
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=tensor_parallel_size,
+                pipeline_model_parallel_size=pipeline_parallel_size,
+                expert_model_parallel_size=expert_parallel_size,
                 distributed_timeout_minutes=max(1, int(timeout_s // 60)))
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dp, self.dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        self.first_stage = parallel_state.is_pipeline_first_stage()
+        self.last_stage = parallel_state.is_pipeline_last_stage()
         torch.manual_seed(seed)
+        if self.device != "cpu":
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        self.hf_config = AutoConfig.from_pretrained(model_path)
-        self.geometry = Geometry.from_hf(self.hf_config)
-        if self.hf_config.vocab_size % tensor_parallel_size:
-            raise ValueError(f"vocab size {self.hf_config.vocab_size} is not divisible by TP={tensor_parallel_size}")
+            model_parallel_cuda_manual_seed(seed)
+
+        self.arch = architectures.for_config(self.hf_config)
+        self.vocab_size = self.hf_config.vocab_size
+        multiple = vocab_pad_multiple * tensor_parallel_size
+        self.padded_vocab = -(-self.vocab_size // multiple) * multiple
         self.model = self._build_model()
+        self.ddp = self._wrap_ddp(self.model)
         self.load_hf_weights(load_hf_state_dict(model_path))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay,
                                            betas=tuple(adam_betas))
@@ -86,55 +104,63 @@ class TrainingEngine:
     # --- model -------------------------------------------------------------------------------------
     def _build_model(self):
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.core.transformer import TransformerConfig
 
-        hf, g = self.hf_config, self.geometry
+        hf, layout = self.hf_config, self.layout
+        cpu_overrides = {}
+        if self.device == "cpu":
+            from rl.megatron_cpu import CONFIG_OVERRIDES as cpu_overrides
         config = TransformerConfig(
-            num_layers=g.num_layers, hidden_size=hf.hidden_size, num_attention_heads=g.num_heads,
-            num_query_groups=g.num_kv_heads, kv_channels=g.head_dim, ffn_hidden_size=hf.intermediate_size,
-            normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps, gated_linear_unit=True,
-            activation_func=F.silu, add_bias_linear=False, add_qkv_bias=g.qkv_bias,
-            hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=self.tp,
-            use_cpu_initialization=self.device == "cpu", perform_initialization=False,
+            **self.arch.transformer_config_kwargs(hf),
+            tensor_model_parallel_size=layout.tensor_parallel_size,
+            pipeline_model_parallel_size=layout.pipeline_parallel_size,
+            expert_model_parallel_size=layout.expert_parallel_size,
+            sequence_parallel=False, pipeline_dtype=torch.float32,
+            hidden_dropout=0.0, attention_dropout=0.0,
+            # Initialisation is overwritten by the HF weights, but it is also where Megatron marks
+            # parameters `tensor_model_parallel` / `partition_dim`, which sharding and clipping read.
+            use_cpu_initialization=self.device == "cpu", perform_initialization=True,
             params_dtype=torch.float32, bias_activation_fusion=False, bias_dropout_fusion=False,
             masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+            **cpu_overrides,
         )
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-        if self.device == "cpu":
-            from rl.megatron_cpu import cpu_layer_spec
-
-            spec = cpu_layer_spec(spec)
         model = GPTModel(
-            config=config, transformer_layer_spec=spec, vocab_size=hf.vocab_size,
-            max_sequence_length=hf.max_position_embeddings, pre_process=True, post_process=True,
-            share_embeddings_and_output_weights=g.tied_embeddings, position_embedding_type="rope",
-            rotary_base=int(getattr(hf, "rope_theta", 10000)), parallel_output=True,
+            config=config, transformer_layer_spec=self.arch.layer_spec(hf, self.device),
+            vocab_size=self.padded_vocab, max_sequence_length=hf.max_position_embeddings,
+            pre_process=self.first_stage, post_process=self.last_stage,
+            share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
+            position_embedding_type="rope", rotary_base=int(getattr(hf, "rope_theta", 10000)),
+            parallel_output=True,
         )
         return model.to(self.device)
 
+    def _wrap_ddp(self, model):
+        """Megatron's DDP: gradients accumulate in fp32 `main_grad` buffers and are averaged over DP
+        (and, for tied embeddings under PP, summed between the first and last stage) at the end."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+        ddp = DistributedDataParallel(
+            config=model.config, module=model,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                     use_distributed_optimizer=False))
+        model.config.finalize_model_grads_func = finalize_model_grads
+        return ddp
+
     def load_hf_weights(self, hf_state: dict[str, torch.Tensor]) -> None:
-        shard = hf_to_megatron(hf_state, self.geometry, self.tp_rank, self.tp)
-        missing, unexpected = self.model.load_state_dict(shard, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"HF -> Megatron load mismatch: missing={missing} unexpected={unexpected}")
+        load_full_state(self.model, self.arch.hf_to_full(hf_state, self.hf_config), self.padded_vocab)
 
     def hf_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        """Full HF-named CPU tensors on TP rank 0 (gathered from all TP ranks); None on other ranks."""
-        local = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
-        if self.tp == 1:
-            shards = [local]
-        else:
-            shards = [{} for _ in range(self.tp)]
-            for name, tensor in local.items():
-                parts = [torch.empty_like(tensor) for _ in range(self.tp)]
-                dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
-                for r in range(self.tp):
-                    shards[r][name] = parts[r]
-        if self.tp_rank != 0:
-            return None
-        return {k: v.cpu() for k, v in megatron_to_hf(shards, self.geometry).items()}
+        """Full HF-named CPU tensors on global rank 0 (gathered over TP, PP and EP); None elsewhere.
+
+        Collective: every rank must call it.
+        """
+        full = gather_full_state(self.model, self.vocab_size)
+        return None if full is None else self.arch.full_to_hf(full, self.hf_config)
+
+    def hf_grad_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """The gradients of the last `compute_gradients`, HF-named and full-shape, on global rank 0."""
+        full = gather_full_state(self.model, self.vocab_size, grads=True)
+        return None if full is None else self.arch.full_to_hf(full, self.hf_config)
 
     def reset_optimizer_state(self) -> None:
         """Forget Adam's moments (K1.5 resets the optimizer every iteration); the lr schedule goes on."""
@@ -142,73 +168,154 @@ class TrainingEngine:
 
     # --- compute -----------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits [batch, seq, vocab / TP] for right-padded `input_ids`."""
+        """Vocab-parallel logits [batch, seq, padded vocab / TP] (single pipeline stage only)."""
+        if self.layout.pipeline_parallel_size > 1:
+            raise RuntimeError("logits() needs the whole model on one rank; use compute_logprobs under PP")
         input_ids = input_ids.to(self.device)
         positions = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
         return self.model(input_ids=input_ids, position_ids=positions, attention_mask=None)
 
-    def _token_logprobs(self, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Logprob of each next token: [batch, seq - 1], under logits / temperature."""
+    def _token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Logprob of each next token, [batch, seq - 1], from vocab-parallel logits / temperature.
+
+        Rows of the padded vocabulary get -inf, so the softmax is over the real vocabulary only.
+        """
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        logits = self.logits(input_ids)[:, :-1] / temperature
-        targets = input_ids[:, 1:].to(self.device)
-        # Megatron's vocab-parallel cross entropy is the exact -log softmax across TP ranks.
+        logits = logits[:, :-1] / temperature
+        if self.padded_vocab != self.vocab_size:
+            start = self.tp_rank * logits.shape[-1]
+            ids = torch.arange(start, start + logits.shape[-1], device=logits.device)
+            logits = logits.masked_fill(ids >= self.vocab_size, float("-inf"))
+        targets = tokens[:, 1:].to(logits.device)
         nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.transpose(0, 1).contiguous())
         return -nll.transpose(0, 1)
 
+    def _run_schedule(self, batches: list[MicroBatch], loss_func, forward_only: bool) -> list[dict]:
+        """Megatron's forward(-backward) schedule (1F1B under PP) over this rank's micro-batches."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            tokens = batch.tokens.to(self.device)
+            positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+            output = model(input_ids=tokens, position_ids=positions, attention_mask=None)
+            return output, partial(loss_func, batch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.ddp],
+            num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
+            micro_batch_size=max(b.tokens.shape[0] for b in batches), forward_only=forward_only)
+
+    def _split(self, samples: list[Sample], weights: Optional[torch.Tensor] = None) -> list[MicroBatch]:
+        return split_micro_batches(samples, weights, self.dp, self.dp_rank, self.micro_batch_tokens,
+                                   width_multiple=self.tp, uniform=self.layout.pipeline_parallel_size > 1)
+
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
-        """Per-response-token logprobs of each sample under the current weights."""
-        self.model.eval()
-        batch = _pad(samples)
-        logprobs = self._token_logprobs(batch["tokens"], temperature).cpu()
-        return [logprobs[i, len(s.prompt_ids) - 1 : len(s.tokens) - 1].tolist() for i, s in enumerate(samples)]
+        """Per-response-token logprobs of each sample under the current weights (on every rank)."""
+        self.ddp.eval()
+        batches = self._split(samples)
+
+        def collect(batch: MicroBatch, logits):
+            logprobs = self._token_logprobs(logits, batch.tokens, temperature).cpu()
+            return logits.new_zeros(()), {"index": batch.index, "logprobs": logprobs}
+
+        found: dict[int, list[float]] = {}
+        for out in self._run_schedule(batches, collect, forward_only=True):
+            for row, i in enumerate(out["index"].tolist()):
+                if i >= 0:
+                    s = samples[i]
+                    found[i] = out["logprobs"][row, len(s.prompt_ids) - 1 : len(s.tokens) - 1].tolist()
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, found if (self.last_stage and self.tp_rank == 0) else {})
+        for part in everyone:
+            found.update(part)
+        return [found[i] for i in range(len(samples))]
+
+    def compute_gradients(self, samples: list[Sample], tau: float, temperature: float = 1.0) -> float:
+        """Forward and backward over `samples` (one minibatch): DP-reduced grads in `main_grad`.
+
+        Returns the objective's value. The loss of each micro-batch is its samples' weighted terms;
+        Megatron divides by the number of micro-batches and DDP averages over DP, which we undo, so the
+        gradient is exactly that of the whole minibatch's loss whatever the layout.
+        """
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        weights = group_mean_weights(torch.tensor([s.group_id for s in samples]))
+        batches = self._split(samples, weights)
+        undo = len(batches) * self.dp
+
+        def objective(batch: MicroBatch, logits):
+            logprobs = self._token_logprobs(logits, batch.tokens, temperature)
+            terms = kimi_k2_sample_losses(logprobs, batch.old_logprobs.to(logprobs.device),
+                                          batch.advantages.to(logprobs.device), batch.loss_mask.to(logprobs.device), tau)
+            loss = (batch.weights.to(logprobs.device) * terms).sum()
+            return loss * undo, {"loss": loss.detach()}
+
+        outputs = self._run_schedule(batches, objective, forward_only=False)
+        total = torch.zeros((), device=self.device)
+        if self.last_stage and self.tp_rank == 0:
+            total += sum(out["loss"] for out in outputs)
+        dist.all_reduce(total)
+        return total.item()
 
     def train_step(self, samples: list[Sample], tau: float, temperature: float = 1.0,
                    num_minibatches: int = 1) -> dict[str, float]:
         """One RL iteration: `num_minibatches` optimizer steps over the samples, split by prompt group."""
         start = time.perf_counter()
-        self.model.train()
         group_ids = sorted({s.group_id for s in samples})
         chunks = [set(group_ids[i::num_minibatches]) for i in range(num_minibatches)]
         losses, norms = [], []
         for chunk in chunks:
-            part = [s for s in samples if s.group_id in chunk]
-            batch = _pad(part)
-            logprobs = self._token_logprobs(batch["tokens"], temperature)
-            loss = kimi_k2_loss(
-                logprobs, batch["old_logprobs"].to(self.device), batch["advantages"].to(self.device),
-                batch["loss_mask"].to(self.device), batch["group_ids"].to(self.device), tau)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.append(self.compute_gradients([s for s in samples if s.group_id in chunk], tau, temperature))
             norms.append(self._clip_grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            for p in self.model.parameters():
+                p.grad = p.main_grad
             self.optimizer.step()
             self.scheduler.step()
-            losses.append(loss.item())
         return {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr,
                 "train_seconds": time.perf_counter() - start}
 
-    def _clip_grad_norm(self) -> float:
-        """Clip by the global gradient norm: TP-sharded parameters are summed over ranks, replicated ones once."""
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    def grad_norm(self) -> float:
+        """The global L2 norm of the gradients in `main_grad`, over every distinct parameter.
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        for p in params:
-            if param_is_not_tensor_parallel_duplicate(p):
-                sq += p.grad.float().pow(2).sum()
-        if self.tp > 1:
-            dist.all_reduce(sq, group=self.tp_group)
-        norm = sq.sqrt().item()
+        A parameter counts once: TP-replicated ones on TP rank 0 only, the last stage's copy of tied
+        embeddings not at all. Dense squares are summed over TP x PP, expert ones over ETP x EP x PP.
+        """
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.module import param_is_not_shared
+
+        dense = torch.zeros((), device=self.device)
+        expert = torch.zeros((), device=self.device)
+        for name, p in self.model.named_parameters():
+            if not param_is_not_shared(p):
+                continue
+            is_expert = ".experts." in name
+            tp_rank = ps.get_expert_tensor_parallel_rank() if is_expert else self.tp_rank
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                sq = p.main_grad.float().pow(2).sum()
+                if is_expert:
+                    expert += sq
+                else:
+                    dense += sq
+        dist.all_reduce(dense, group=ps.get_model_parallel_group())
+        dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        return (dense + expert).sqrt().item()
+
+    def _clip_grad_norm(self) -> float:
+        norm = self.grad_norm()
         scale = self.grad_clip / (norm + 1e-6)
         if scale < 1.0:
-            for p in params:
-                p.grad.mul_(scale)
+            for p in self.model.parameters():
+                p.main_grad.mul_(scale)
         return norm
 
     def shutdown(self) -> None:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -221,25 +328,3 @@ def lr_factor(step: int, warmup: int, decay: str, total: int, min_ratio: float) 
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _pad(samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Right-padded tensors for a list of samples; per-token fields are aligned to next-token targets."""
-    width = max(len(s.tokens) for s in samples)
-    n = len(samples)
-    tokens = torch.zeros(n, width, dtype=torch.long)
-    loss_mask = torch.zeros(n, width - 1)
-    old = torch.zeros(n, width - 1)
-    for i, s in enumerate(samples):
-        tokens[i, : len(s.tokens)] = torch.tensor(s.tokens)
-        start, end = len(s.prompt_ids) - 1, len(s.tokens) - 1
-        loss_mask[i, start:end] = 1.0
-        if s.old_logprobs:
-            old[i, start:end] = torch.tensor(s.old_logprobs)
-    return {
-        "tokens": tokens,
-        "loss_mask": loss_mask,
-        "old_logprobs": old,
-        "advantages": torch.tensor([s.advantage or 0.0 for s in samples]),
-        "group_ids": torch.tensor([s.group_id for s in samples]),
-    }

@@ -13,6 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("override, field", [
     ({"model": {"path": "/no/such/model"}}, "model.path"),
     ({"trainer": {"tensor_parallel_size": 3}}, "trainer.tensor_parallel_size"),
+    ({"trainer": {"pipeline_parallel_size": 3}}, "trainer.pipeline_parallel_size"),
+    ({"trainer": {"expert_parallel_size": 2}}, "trainer.expert_parallel_size"),
+    ({"trainer": {"world_size": 3, "tensor_parallel_size": 2}}, "trainer.world_size"),
     ({"rollout": {"tensor_parallel_size": 3}}, "rollout.tensor_parallel_size"),
     ({"rollout": {"samples_per_prompt": 1}}, "rollout.samples_per_prompt"),
     ({"trainer": {"lr": -1e-3}}, "trainer.lr"),
@@ -30,8 +33,11 @@ def test_bad_value_names_the_field(override, field):
 
 def test_tp_checked_against_the_model_directory(random_model):
     # The random model has 4 heads and 2 key/value heads: TP=4 divides the heads but not the kv heads.
-    with pytest.raises(ConfigError, match=r"^trainer.tensor_parallel_size: must divide the number of key/value heads"):
+    with pytest.raises(ConfigError, match=r"^trainer.tensor_parallel_size: must divide the 2 key/value heads"):
         load_config({"model": {"path": random_model}, "trainer": {"tensor_parallel_size": 4}})
+    # ... and its 2 layers bound the pipeline: PP=4 is larger than the layer count.
+    with pytest.raises(ConfigError, match=r"^trainer.pipeline_parallel_size: larger than the 2 layers"):
+        load_config({"model": {"path": random_model}, "trainer": {"pipeline_parallel_size": 4}})
     assert load_config({"model": {"path": random_model}, "trainer": {"tensor_parallel_size": 2}})
 
 

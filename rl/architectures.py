@@ -1,0 +1,51 @@
+"""Which Megatron model and which HF conversion each HF architecture uses, chosen by `model_type`.
+
+An architecture supplies four things: the `TransformerConfig` fields that describe it, the layer spec
+(with the CPU substitutions when the device is CPU), and the two pure conversions between an HF state
+dict and the full Megatron state dict (`rl.model_sharding` does the per-rank split).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch.nn.functional as F
+
+from rl.hf_megatron import Geometry, full_to_hf, hf_to_full
+
+
+def _dense_config_kwargs(hf) -> dict:
+    g = Geometry.from_hf(hf)
+    return dict(num_layers=g.num_layers, hidden_size=hf.hidden_size, num_attention_heads=g.num_heads,
+                num_query_groups=g.num_kv_heads, kv_channels=g.head_dim, ffn_hidden_size=hf.intermediate_size,
+                normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps, gated_linear_unit=True,
+                activation_func=F.silu, add_bias_linear=False, add_qkv_bias=g.qkv_bias)
+
+
+def _dense_layer_spec(hf, device: str):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if device == "cpu":
+        from rl.megatron_cpu import cpu_layer_spec
+
+        spec = cpu_layer_spec(spec)
+    return spec
+
+
+DENSE = SimpleNamespace(
+    name="dense",
+    transformer_config_kwargs=_dense_config_kwargs,
+    layer_spec=_dense_layer_spec,
+    hf_to_full=lambda state, hf: hf_to_full(state, Geometry.from_hf(hf)),
+    full_to_hf=lambda full, hf: full_to_hf(full, Geometry.from_hf(hf)),
+)
+
+_BY_MODEL_TYPE = {"qwen2": DENSE, "llama": DENSE}
+
+
+def for_config(hf_config) -> SimpleNamespace:
+    try:
+        return _BY_MODEL_TYPE[hf_config.model_type]
+    except KeyError:
+        raise ValueError(f"model.path: unsupported architecture {hf_config.model_type!r} "
+                         f"(supported: {sorted(_BY_MODEL_TYPE)})") from None

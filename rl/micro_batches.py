@@ -1,0 +1,76 @@
+"""Splitting a minibatch of samples into padded micro-batches by a token budget, per data-parallel rank.
+
+Every DP rank gets the same number of micro-batches with the same shapes: micro-batch j is a run of
+consecutive samples, dealt round-robin to the DP ranks and padded with empty rows (weight 0, no loss
+tokens) to equal size. Equal shapes matter because MoE layers all-gather tokens across expert-parallel
+ranks, which are data-parallel ranks too. The token budget bounds each rank's padded rows x width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from rl.sample import Sample
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors; per-token fields are aligned to next-token targets (width - 1)."""
+    tokens: torch.Tensor  # [rows, width] token ids
+    loss_mask: torch.Tensor  # [rows, width - 1], 1 on response tokens
+    old_logprobs: torch.Tensor  # [rows, width - 1]
+    advantages: torch.Tensor  # [rows]
+    weights: torch.Tensor  # [rows] the sample's weight in the minibatch loss (0 for padding rows)
+    index: torch.Tensor  # [rows] the sample's position in the minibatch (-1 for padding rows)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], dp_size: int, dp_rank: int,
+                        token_budget: int, width_multiple: int = 1, uniform: bool = False) -> list[MicroBatch]:
+    """This DP rank's micro-batches of `samples` (in order), each within `token_budget` padded tokens
+    per rank where possible (a single over-long sample still gets a micro-batch of its own).
+
+    `uniform` pads every micro-batch to the same rows and width: pipeline stages exchange activations
+    of one fixed shape.
+    """
+    if not samples:
+        raise ValueError("split_micro_batches: no samples")
+    runs: list[list[int]] = [[]]
+    width = 0
+    for i, s in enumerate(samples):
+        new_width = _round_up(max(width, len(s.tokens)), width_multiple)
+        rows = -(-(len(runs[-1]) + 1) // dp_size)
+        if runs[-1] and rows * new_width > token_budget:
+            runs.append([])
+            new_width = _round_up(len(s.tokens), width_multiple)
+        runs[-1].append(i)
+        width = new_width
+    shapes = [(-(-len(run) // dp_size), _round_up(max(len(samples[i].tokens) for i in run), width_multiple))
+              for run in runs]
+    if uniform:
+        shapes = [(max(r for r, _ in shapes), max(w for _, w in shapes))] * len(runs)
+    return [_pack([samples[i] for i in run[dp_rank::dp_size]], run[dp_rank::dp_size], weights, rows, width)
+            for run, (rows, width) in zip(runs, shapes)]
+
+
+def _pack(part: list[Sample], index: list[int], weights: Optional[torch.Tensor], rows: int, width: int) -> MicroBatch:
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    loss_mask = torch.zeros(rows, width - 1)
+    old = torch.zeros(rows, width - 1)
+    batch = MicroBatch(tokens, loss_mask, old, advantages=torch.zeros(rows), weights=torch.zeros(rows),
+                       index=torch.full((rows,), -1, dtype=torch.long))
+    for row, (s, i) in enumerate(zip(part, index)):
+        tokens[row, : len(s.tokens)] = torch.tensor(s.tokens)
+        start, end = len(s.prompt_ids) - 1, len(s.tokens) - 1
+        loss_mask[row, start:end] = 1.0
+        if s.old_logprobs:
+            old[row, start:end] = torch.tensor(s.old_logprobs)
+        batch.advantages[row] = s.advantage or 0.0
+        batch.weights[row] = 0.0 if weights is None else weights[i]
+        batch.index[row] = i
+    return batch
