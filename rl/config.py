@@ -96,6 +96,9 @@ class TrainerConfig:
     world_size: Optional[int] = None  # training processes (one per GPU); None: TP * PP, i.e. DP = 1
     micro_batch_tokens: int = 8192  # padded tokens (rows x width) per micro-batch and DP rank
     vocab_pad_multiple: int = 1  # pad the vocabulary to a multiple of this x TP (Megatron-LM uses 128)
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest; Kimi K2)
+    muon_momentum: float = 0.95
+    qk_clip_tau: Optional[float] = None  # MuonClip's QK-Clip threshold (K2: 100); None: off
     lr: float = 5e-4
     lr_warmup_steps: int = 10  # linear warm-up: Adam's first steps are sign-like and wreck a fine-tuned policy
     lr_decay: str = "cosine"  # constant | cosine (from lr after warm-up to lr * min_lr_ratio at the last step)
@@ -204,6 +207,9 @@ def validate(c: Config) -> None:
     _require(r.prompts_per_step % a.updates_per_step == 0, "algorithm.updates_per_step",
              "must divide rollout.prompts_per_step", a.updates_per_step)
 
+    _require(t.optimizer in ("adamw", "muon"), "trainer.optimizer", "must be adamw or muon", t.optimizer)
+    _require(0 <= t.muon_momentum < 1, "trainer.muon_momentum", "must be in [0, 1)", t.muon_momentum)
+    _require(t.qk_clip_tau is None or t.qk_clip_tau > 0, "trainer.qk_clip_tau", "must be > 0 or null", t.qk_clip_tau)
     _require(t.lr > 0, "trainer.lr", "must be > 0", t.lr)
     _require(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0", t.lr_warmup_steps)
     _require(t.lr_decay in ("constant", "cosine"), "trainer.lr_decay", "must be constant or cosine", t.lr_decay)

@@ -53,6 +53,7 @@ class Engines:
             world_size=world, master_addr="127.0.0.1", master_port=port, tensor_parallel_size=t.tensor_parallel_size,
             pipeline_parallel_size=t.pipeline_parallel_size, expert_parallel_size=t.expert_parallel_size,
             micro_batch_tokens=t.micro_batch_tokens, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
+            optimizer=t.optimizer, muon_momentum=t.muon_momentum, qk_clip_tau=t.qk_clip_tau,
             lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay=t.lr_decay, min_lr_ratio=t.min_lr_ratio,
             lr_decay_steps=config.steps * config.algorithm.updates_per_step, weight_decay=t.weight_decay,
             adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
@@ -163,6 +164,8 @@ class RLLoop:
             "sync_load_seconds": sync["sync_load_seconds"],
             "step_seconds": t4 - step_start,
         }
+        if "max_attn_logit" in train:  # MuonClip's QK-Clip is on
+            metrics["max_attn_logit"] = train["max_attn_logit"]
         self.step_index += 1
         every = c.eval.every
         if every and (self.step_index % every == 0 or self.step_index == c.steps):

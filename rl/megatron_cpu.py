@@ -140,7 +140,9 @@ def cpu_layer_spec(spec: ModuleSpec) -> ModuleSpec:
 # without it), and the local spec's norm (`WrappedTorchNorm`, used when Apex is absent) refuses
 # sequence parallelism. `SequenceParallelRMSNorm` is the same torch RMSNorm that also marks its
 # weight `sequence_parallel`, as Megatron's own norms do, so the TP all-reduce of norm gradients that
-# sequence parallelism needs (Megatron's `finalize_model_grads`) finds it.
+# sequence parallelism needs (Megatron's `finalize_model_grads`) finds it. Under sequence parallelism
+# the embedding also forks the CUDA RNG tracker (for dropout); `use_cpu_rng_tracker` installs
+# Megatron's no-op tracker instead (dropout is 0 here, so nothing depends on its streams).
 # ==================================================================================================
 
 
@@ -169,18 +171,28 @@ class SDPAMLACoreAttention(MegatronModule):
             softmax_scale = 1.0 / math.sqrt(k_channels or config.kv_channels)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.current_max_attn_logits: Optional[torch.Tensor] = None  # [heads on this partition]
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAMLACoreAttention supports neither packed sequences nor attention bias")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, np, s, hn]
+        if self.config.qk_clip or self.config.log_max_attention_logit:
+            record_max_attn_logits(self, q, k)  # MLA keys already cover every head
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
         )
         sq, b, heads = query.shape[0], query.shape[1], query.shape[2]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * value.shape[3])
+
+
+def use_cpu_rng_tracker() -> None:
+    """Install Megatron's RNG tracker whose `fork()` does nothing, in place of the CUDA one."""
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):

@@ -114,7 +114,8 @@ def load_full_state(model, full: dict[str, torch.Tensor], padded_vocab: int) -> 
 def gather_full_state(model, vocab_size: int, dst: int = 0, grads: bool = False) -> Optional[dict[str, torch.Tensor]]:
     """The full state (CPU tensors, unpadded vocab) on global rank `dst`; None on other ranks.
 
-    With `grads`, the parameters' DDP gradients (`main_grad`) in the same layout instead.
+    With `grads`, the parameters' DDP gradients (`main_grad`) in the same layout instead (buffers,
+    such as a router's expert bias, have none: zeros stand in for them).
     Collective over the whole world: every rank must call it.
     """
     from megatron.core import parallel_state as ps
@@ -124,11 +125,11 @@ def gather_full_state(model, vocab_size: int, dst: int = 0, grads: bool = False)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
-        if grads and not isinstance(tensor, torch.nn.Parameter):
-            continue
         rank, size, group = _tp(name)
         dim = _partition_dim(tensor)
-        full = tensor.main_grad if grads else tensor.detach()
+        full = tensor.detach()
+        if grads:
+            full = tensor.main_grad if isinstance(tensor, torch.nn.Parameter) else torch.zeros_like(full)
         if dim is not None and size > 1:
             parts = [torch.empty_like(full) for _ in range(size)]
             dist.all_gather(parts, full.contiguous(), group=group)

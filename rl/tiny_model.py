@@ -66,3 +66,104 @@ def save_hf(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, path: s
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+def _spread_routers(model: torch.nn.Module, router_std: float, bias_std: float) -> None:
+    """Give every MoE router weights large enough, and a score-correction bias (if any) non-zero, so
+    that tokens go to different experts and a wrong routing detail changes the output. HF's init leaves
+    routers at std 0.02 (near-uniform scores) and the bias at exactly zero."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("mlp.gate") and hasattr(module, "weight"):
+                module.weight.normal_(0.0, router_std)
+                bias = getattr(module, "e_score_correction_bias", None)
+                if bias is not None:
+                    bias.normal_(0.0, bias_std)
+
+
+def create_tiny_deepseek_v3(
+    path: str,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 3,
+    first_k_dense_replace: int = 1,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 96,
+    moe_intermediate_size: int = 32,
+    n_routed_experts: int = 8,
+    num_experts_per_tok: int = 2,
+    n_shared_experts: int = 1,
+    n_group: int = 2,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 2.5,
+    q_lora_rank: int | None = 32,
+    kv_lora_rank: int = 16,
+    qk_nope_head_dim: int = 16,
+    qk_rope_head_dim: int = 8,
+    v_head_dim: int = 16,
+    rope_interleave: bool = True,
+    rope_parameters: dict | None = None,
+    tie_word_embeddings: bool = False,
+) -> str:
+    """Write a randomly initialised tiny DeepSeek-V3 (Kimi K2's architecture: MLA, dense first layers,
+    routed + shared experts, sigmoid group-limited routing with a correction bias) to `path`."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = DeepseekV3Config(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        first_k_dense_replace=first_k_dense_replace, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads, intermediate_size=intermediate_size,
+        moe_intermediate_size=moe_intermediate_size, n_routed_experts=n_routed_experts,
+        num_experts_per_tok=num_experts_per_tok, n_shared_experts=n_shared_experts, n_group=n_group,
+        topk_group=topk_group, routed_scaling_factor=routed_scaling_factor, norm_topk_prob=True,
+        q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
+        qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, rope_interleave=rope_interleave,
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
+        num_mtp_layers=0, max_position_embeddings=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).to(torch.float32)
+    _spread_routers(model, router_std=0.1, bias_std=0.05)
+    save_hf(model, tokenizer, path)
+    return path
+
+
+def create_tiny_qwen3_moe(
+    path: str,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 96,
+    moe_intermediate_size: int = 32,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    norm_topk_prob: bool = True,
+    mlp_only_layers: list[int] | None = None,
+    tie_word_embeddings: bool = False,
+) -> str:
+    """Write a randomly initialised tiny Qwen3-MoE (GQA with q/k norms, routed experts, softmax top-k
+    routing) to `path`."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size, moe_intermediate_size=moe_intermediate_size,
+        num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, norm_topk_prob=norm_topk_prob,
+        decoder_sparse_step=1, mlp_only_layers=mlp_only_layers or [], use_sliding_window=False,
+        sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config).to(torch.float32)
+    _spread_routers(model, router_std=0.1, bias_std=0.0)
+    save_hf(model, tokenizer, path)
+    return path

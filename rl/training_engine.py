@@ -9,6 +9,7 @@ difference.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -24,7 +25,10 @@ from transformers import AutoConfig
 from rl import architectures
 from rl.algorithms import group_mean_weights, kimi_k2_sample_losses
 from rl.micro_batches import MicroBatch, split_micro_batches
+from rl.checkpoint import export_hf, load_checkpoint, save_checkpoint
 from rl.model_sharding import gather_full_state, load_full_state
+from rl.offload import Offloader
+from rl.optimizers import apply_qk_clip, build_optimizer, reset_max_attn_logits
 from rl.parallel_layout import ParallelLayout, model_shape
 from rl.sample import Sample
 
@@ -52,6 +56,7 @@ class TrainingEngine:
                  lr_warmup_steps: int = 0, lr_decay: str = "constant", lr_decay_steps: int = 0,
                  min_lr_ratio: float = 0.0, weight_decay: float = 0.0,
                  adam_betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0,
+                 optimizer: str = "adamw", muon_momentum: float = 0.95, qk_clip_tau: Optional[float] = None,
                  micro_batch_tokens: int = 8192, vocab_pad_multiple: int = 1, seed: int = 0,
                  timeout_s: float = 300.0):
         from megatron.core import parallel_state
@@ -62,6 +67,7 @@ class TrainingEngine:
         self.device = resolve_device(device)
         self.rank, self.tp = rank, tensor_parallel_size
         self.grad_clip, self.micro_batch_tokens = grad_clip, micro_batch_tokens
+        self.qk_clip_tau = qk_clip_tau  # MuonClip's tau (K2: 100); None: no QK-Clip
         if self.device == "cpu":
             from rl import megatron_cpu
 
@@ -96,42 +102,71 @@ class TrainingEngine:
         self.model = self._build_model()
         self.ddp = self._wrap_ddp(self.model)
         self.load_hf_weights(load_hf_state_dict(model_path))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay,
-                                           betas=tuple(adam_betas))
+        self.optimizer = build_optimizer([self.model], optimizer, lr=lr, weight_decay=weight_decay,
+                                         adam_betas=tuple(adam_betas), muon_momentum=muon_momentum)
         shape = dict(warmup=lr_warmup_steps, decay=lr_decay, total=lr_decay_steps, min_ratio=min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, **shape))
+        self.model_path = model_path
+        self.offloader = Offloader([self.ddp], self.optimizer)
+
+    # --- state: offload, checkpoints, export ---------------------------------------------------------
+    def offload(self) -> dict:
+        """Move parameters, gradients and optimizer state to host memory (K2: while rollout runs)."""
+        return dataclasses.asdict(self.offloader.offload())
+
+    def onload(self) -> dict:
+        """Bring them back to the device: one host-to-device copy per storage."""
+        return dataclasses.asdict(self.offloader.onload())
+
+    def save_checkpoint(self, path: str, extra: Optional[dict] = None) -> None:
+        """Distributed save of model, optimizer, lr schedule and RNG (collective: every rank)."""
+        save_checkpoint(path, [self.model], self.optimizer,
+                        extra={**(extra or {}), "scheduler": self.scheduler.state_dict()})
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Load a checkpoint saved under this or another parallel layout; returns the caller's extra state."""
+        extra = load_checkpoint(path, [self.model], self.optimizer)
+        self.scheduler.load_state_dict(extra.pop("scheduler"))
+        return extra
+
+    def export_hf(self, out_dir: str) -> None:
+        """Write the current weights in HF `save_pretrained` layout (collective; rank 0 writes)."""
+        state = self.hf_state_dict()
+        if state is not None:
+            export_hf(out_dir, state, self.model_path)
 
     # --- model -------------------------------------------------------------------------------------
     def _build_model(self):
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.transformer import TransformerConfig
 
-        hf, layout = self.hf_config, self.layout
+        from rl.architectures import gpt_model_kwargs
+
+        hf, layout, arch = self.hf_config, self.layout, self.arch
+        sequence_parallel = arch.needs_sequence_parallel and layout.tensor_parallel_size > 1
         cpu_overrides = {}
         if self.device == "cpu":
-            from rl.megatron_cpu import CONFIG_OVERRIDES as cpu_overrides
-        config = TransformerConfig(
-            **self.arch.transformer_config_kwargs(hf),
+            from rl import megatron_cpu
+
+            cpu_overrides = megatron_cpu.CONFIG_OVERRIDES
+            if sequence_parallel:
+                megatron_cpu.use_cpu_rng_tracker()  # the embedding forks it under sequence parallelism
+        config = arch.config_class(hf)(
+            **arch.transformer_config_kwargs(hf),
             tensor_model_parallel_size=layout.tensor_parallel_size,
             pipeline_model_parallel_size=layout.pipeline_parallel_size,
             expert_model_parallel_size=layout.expert_parallel_size,
-            sequence_parallel=False, pipeline_dtype=torch.float32,
+            sequence_parallel=sequence_parallel, pipeline_dtype=torch.float32,
             hidden_dropout=0.0, attention_dropout=0.0,
             # Initialisation is overwritten by the HF weights, but it is also where Megatron marks
             # parameters `tensor_model_parallel` / `partition_dim`, which sharding and clipping read.
             use_cpu_initialization=self.device == "cpu", perform_initialization=True,
             params_dtype=torch.float32, bias_activation_fusion=False, bias_dropout_fusion=False,
             masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+            qk_clip=self.qk_clip_tau is not None, qk_clip_threshold=self.qk_clip_tau or 100.0,
             **cpu_overrides,
         )
-        model = GPTModel(
-            config=config, transformer_layer_spec=self.arch.layer_spec(hf, self.device),
-            vocab_size=self.padded_vocab, max_sequence_length=hf.max_position_embeddings,
-            pre_process=self.first_stage, post_process=self.last_stage,
-            share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
-            position_embedding_type="rope", rotary_base=int(getattr(hf, "rope_theta", 10000)),
-            parallel_output=True,
-        )
+        model = GPTModel(config=config, transformer_layer_spec=arch.layer_spec(hf, self.device, config),
+                         **gpt_model_kwargs(hf, self.padded_vocab, self.first_stage, self.last_stage))
         return model.to(self.device)
 
     def _wrap_ddp(self, model):
@@ -266,17 +301,33 @@ class TrainingEngine:
         start = time.perf_counter()
         group_ids = sorted({s.group_id for s in samples})
         chunks = [set(group_ids[i::num_minibatches]) for i in range(num_minibatches)]
-        losses, norms = [], []
+        losses, norms, max_logits = [], [], []
         for chunk in chunks:
+            reset_max_attn_logits([self.model])  # logits seen by logprob/eval passes do not count
             losses.append(self.compute_gradients([s for s in samples if s.group_id in chunk], tau, temperature))
             norms.append(self._clip_grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             for p in self.model.parameters():
                 p.grad = p.main_grad
             self.optimizer.step()
+            for p in self.model.parameters():
+                p.grad = None  # else the next backward adds into main_grad through p.grad as well
             self.scheduler.step()
-        return {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr,
-                "train_seconds": time.perf_counter() - start}
+            if self.qk_clip_tau is not None:
+                max_logits.append(self._apply_qk_clip())
+        metrics = {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr,
+                   "train_seconds": time.perf_counter() - start}
+        if max_logits:
+            metrics["max_attn_logit"] = max(max_logits)
+        return metrics
+
+    def _apply_qk_clip(self) -> float:
+        """MuonClip's QK-Clip after the step; returns the largest attention logit over the model."""
+        from megatron.core import parallel_state as ps
+
+        local = torch.tensor(apply_qk_clip([self.model]), device=self.device)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.get_model_parallel_group())
+        return local.item()
 
     def grad_norm(self) -> float:
         """The global L2 norm of the gradients in `main_grad`, over every distinct parameter.

@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"trainer": {"pipeline_parallel_size": 3}}, "trainer.pipeline_parallel_size"),
     ({"trainer": {"expert_parallel_size": 2}}, "trainer.expert_parallel_size"),
     ({"trainer": {"world_size": 3, "tensor_parallel_size": 2}}, "trainer.world_size"),
+    ({"trainer": {"optimizer": "sgd"}}, "trainer.optimizer"),
+    ({"trainer": {"qk_clip_tau": 0.0}}, "trainer.qk_clip_tau"),
     ({"rollout": {"tensor_parallel_size": 3}}, "rollout.tensor_parallel_size"),
     ({"rollout": {"samples_per_prompt": 1}}, "rollout.samples_per_prompt"),
     ({"trainer": {"lr": -1e-3}}, "trainer.lr"),

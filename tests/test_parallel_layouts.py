@@ -105,6 +105,27 @@ def test_pipeline_with_tied_embeddings_equals_one_process(tied_model, free_port,
     _assert_same(got, ref, load_hf_state_dict(tied_model))
 
 
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict:
+    from rl.tiny_model import create_tiny_deepseek_v3, create_tiny_qwen3_moe
+
+    return {"qwen3_moe": create_tiny_qwen3_moe(str(tmp_path_factory.mktemp("qwen3-moe"))),
+            "deepseek_v3": create_tiny_deepseek_v3(str(tmp_path_factory.mktemp("deepseek-v3")))}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("arch, layout", [
+    ("qwen3_moe", dict(expert_parallel_size=2)),
+    ("qwen3_moe", dict(tensor_parallel_size=2)),  # MoE under TP runs with sequence parallelism
+    ("qwen3_moe", dict(pipeline_parallel_size=2)),
+    ("deepseek_v3", dict(expert_parallel_size=2)),  # MLA + shared expert + grouped sigmoid routing
+])
+def test_moe_layout_equals_one_process(moe_models, free_port, tmp_path, arch, layout):
+    ref = _reference(moe_models[arch], free_port, tmp_path)
+    got = run_layout(moe_models[arch], 2, free_port + 1, tmp_path, micro_batch_tokens=40, **layout)
+    _assert_same(got, ref, load_hf_state_dict(moe_models[arch]))
+
+
 def test_bad_layout_fails_before_any_process_group():
     import torch.distributed as dist
 
@@ -142,6 +163,9 @@ def test_expert_parallel_must_divide_experts_and_data_parallel():
 
     with pytest.raises(LayoutError, match="expert_parallel_size: must divide the 6 experts"):
         ParallelLayout(world_size=4, expert_parallel_size=4).check(num_layers=2, num_heads=4, num_kv_heads=2, num_experts=6)
+    with pytest.raises(LayoutError, match="tensor_parallel_size: multi-latent attention needs Transformer Engine"):
+        ParallelLayout(world_size=2, tensor_parallel_size=2).check(num_layers=2, num_heads=4, num_kv_heads=4,
+                                                                   num_experts=4, latent_attention=True)
     with pytest.raises(LayoutError, match="expert_parallel_size: must divide the data-parallel size 1"):
         ParallelLayout(world_size=2, tensor_parallel_size=2, expert_parallel_size=2).check(
             num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4)
