@@ -296,6 +296,14 @@ def _reorder_rope_rows(weight: torch.Tensor, head_rows: int, rope_dim: int, orde
     return torch.cat([rest, rope[:, order]], dim=1).reshape(weight.shape)
 
 
+def _mla_q_projection(hf) -> tuple[int, str, str]:
+    """MLA's query projection: rows per head, its Megatron module name and its HF module name."""
+    rows = hf.qk_nope_head_dim + hf.qk_rope_head_dim
+    if hf.q_lora_rank is not None:
+        return rows, "linear_q_up_proj", "q_b_proj"
+    return rows, "linear_q_proj", "q_proj"
+
+
 _COMMON = {  # Megatron layer suffix -> HF layer suffix, copied as they are
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
@@ -388,9 +396,7 @@ def hf_to_full(hf_state: dict[str, torch.Tensor], hf) -> dict[str, torch.Tensor]
             full[m + msuffix] = take(h + hsuffix)
         attn = h + "self_attn."
         if is_mla(hf):
-            q_rows = hf.qk_nope_head_dim + hf.qk_rope_head_dim
-            q_name = "linear_q_up_proj" if hf.q_lora_rank is not None else "linear_q_proj"
-            q_hf = "q_b_proj" if hf.q_lora_rank is not None else "q_proj"
+            q_rows, q_name, q_hf = _mla_q_projection(hf)
             full[m + f"self_attention.{q_name}.weight"] = _reorder_rope_rows(
                 take(attn + f"{q_hf}.weight"), q_rows, hf.qk_rope_head_dim, order)
             kv_a = take(attn + "kv_a_proj_with_mqa.weight")
@@ -424,9 +430,7 @@ def full_to_hf(full: dict[str, torch.Tensor], hf) -> dict[str, torch.Tensor]:
             out[h + hsuffix] = full[m + msuffix]
         attn = h + "self_attn."
         if is_mla(hf):
-            q_rows = hf.qk_nope_head_dim + hf.qk_rope_head_dim
-            q_name = "linear_q_up_proj" if hf.q_lora_rank is not None else "linear_q_proj"
-            q_hf = "q_b_proj" if hf.q_lora_rank is not None else "q_proj"
+            q_rows, q_name, q_hf = _mla_q_projection(hf)
             out[attn + f"{q_hf}.weight"] = _reorder_rope_rows(
                 full[m + f"self_attention.{q_name}.weight"], q_rows, hf.qk_rope_head_dim, order, inverse=True)
             kv_a = full[m + "self_attention.linear_kv_down_proj.weight"]

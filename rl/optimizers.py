@@ -119,13 +119,15 @@ class Muon(torch.optim.Optimizer):
                 self._adamw_step(group)
         return loss
 
+    def _with_grads(self, group: dict):
+        """(param, its gradient in the param's dtype, its optimizer state) for each param that has a grad."""
+        for p in group["params"]:
+            if p.grad is not None:
+                yield p, p.grad.to(p.dtype), self.state[p]
+
     def _muon_step(self, group: dict) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad.to(p.dtype)
-            state = self.state[p]
+        for p, grad, state in self._with_grads(group):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
@@ -156,11 +158,7 @@ class Muon(torch.optim.Optimizer):
     def _adamw_step(self, group: dict) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad.to(p.dtype)
-            state = self.state[p]
+        for p, grad, state in self._with_grads(group):
             if "step" not in state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p)

@@ -26,11 +26,30 @@ def random_model(tmp_path_factory) -> str:
                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, seed=3)
 
 
-@pytest.fixture
-def free_port() -> int:
+def pick_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a spawned gloo world's master)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return pick_port()
+
+
+def make_samples(model_path: str, prompt: str, reference: str, responses, rewards) -> list:
+    """One group of Samples for `prompt` (each response closed by EOS) with group-mean advantages."""
+    from transformers import AutoTokenizer
+
+    from rl.algorithms import group_mean_advantages
+    from rl.sample import Sample
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    samples = [Sample(group_id=0, prompt=prompt, prompt_ids=tok.encode(prompt), reference=reference,
+                      response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(responses, rewards)]
+    group_mean_advantages(samples)
+    return samples
 
 
 @pytest.fixture

@@ -8,12 +8,13 @@ One chain of spawned gloo worlds (shared by the tests below):
   C, TP=1: load B (written under TP=2); take the same step.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.conftest import make_samples, pick_port
 
 STEP_TOLERANCE = 1e-6  # a step under another TP layout reduces in another order: equal up to fp32 rounding
 # Each engine: lr must come from the checkpoint; no clipping, so the step compares the checkpointed state
@@ -22,16 +23,7 @@ ENGINE = dict(device="cpu", lr=0.5, grad_clip=1e9)
 
 
 def _samples(model_path, responses, rewards):
-    from transformers import AutoTokenizer
-
-    from rl.algorithms import group_mean_advantages
-    from rl.sample import Sample
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    samples = [Sample(group_id=0, prompt="12+34=", prompt_ids=tok.encode("12+34="), reference="46",
-                      response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(responses, rewards)]
-    group_mean_advantages(samples)
-    return samples
+    return make_samples(model_path, "12+34=", "46", responses, rewards)
 
 
 def _first_batch(path):
@@ -146,17 +138,11 @@ def _chain(rank, model_path, ports, paths):
         _round_load(0, 1, model_path, ports[3], paths["B"], paths["c.pt"])
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def chain(random_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     paths = {name: str(root / name) for name in ("A", "B", "hf", "a.pt", "b.pt", "c.pt", "d.pt")}
-    ports = [_port() for _ in range(4)]
+    ports = [pick_port() for _ in range(4)]
     mp.start_processes(_chain, args=(random_model, ports, paths), nprocs=2, join=True, start_method="spawn")
     return {"paths": paths, **{k: torch.load(paths[f"{k}.pt"], weights_only=False) for k in "abcd"}}
 

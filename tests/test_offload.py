@@ -4,26 +4,17 @@ Device memory is really released (every moved storage has size 0), every Paramet
 `main_grad` view and optimizer-state tensor survives as the same object, and training continues exactly
 as on an engine that never offloaded.
 """
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from rl.offload import CATEGORIES, Offloader
+from tests.conftest import make_samples, pick_port
 
 
 def _samples(model_path, responses, rewards):
-    from transformers import AutoTokenizer
-
-    from rl.algorithms import group_mean_advantages
-    from rl.sample import Sample
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    samples = [Sample(group_id=0, prompt="5+6=", prompt_ids=tok.encode("5+6="), reference="11",
-                      response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(responses, rewards)]
-    group_mean_advantages(samples)
-    return samples
+    return make_samples(model_path, "5+6=", "11", responses, rewards)
 
 
 def _grads(model) -> dict:
@@ -101,16 +92,10 @@ def _train_equivalence(model_path, port, out_path):
     engine.shutdown()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def engine_cycle(random_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("offload") / "result.pt"
-    proc = mp.get_context("spawn").Process(target=_train_equivalence, args=(random_model, _port(), str(out)))
+    proc = mp.get_context("spawn").Process(target=_train_equivalence, args=(random_model, pick_port(), str(out)))
     proc.start()
     proc.join(timeout=300)
     assert proc.exitcode == 0

@@ -2,13 +2,13 @@
 the recorded attention logits and QK-Clip on the Megatron engine (gloo, spawned processes)."""
 import copy
 import math
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from rl.optimizers import MatrixLayout, Muon, muon_scale, newton_schulz
+from tests.conftest import pick_port
 
 LR, WD = 0.05, 0.1
 SEQ = 16  # divisible by TP (sequence parallelism)
@@ -250,12 +250,6 @@ def _hf_max_logits(model_path, input_ids):
     return out
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(random_model, tmp_path_factory):
     """The worker's results for TP=1 (rank 0) and TP=2 (ranks 0 and 1); both worlds run at once."""
@@ -263,7 +257,7 @@ def runs(random_model, tmp_path_factory):
     inputs = {"a": torch.randint(2, 64, (2, SEQ), generator=g), "b": torch.randint(2, 64, (3, SEQ), generator=g),
               "train": torch.randint(2, 64, (4, SEQ), generator=g)}
     out = tmp_path_factory.mktemp("muon")
-    contexts = [mp.start_processes(_worker, args=(tp, random_model, _port(), inputs, str(out / f"tp{tp}")),
+    contexts = [mp.start_processes(_worker, args=(tp, random_model, pick_port(), inputs, str(out / f"tp{tp}")),
                                    nprocs=tp, join=False, start_method="spawn") for tp in (1, 2)]
     hf_a, hf_b = _hf_max_logits(random_model, inputs["a"]), _hf_max_logits(random_model, inputs["b"])
     for ctx in contexts:
