@@ -139,7 +139,8 @@ def gather_full_state(model, vocab_size: int, dst: int = 0, grads: bool = False)
             continue  # the last stage's copy of the embeddings
         replica = ps.get_expert_data_parallel_rank() if _is_expert(name) else ps.get_data_parallel_rank()
         if rank == 0 and replica == 0:
-            mine[key] = (full[:vocab_size] if key in (EMBEDDING, OUTPUT) else full).cpu()
+            # a copy: on CPU `.cpu()` would alias the live parameter, which the next step changes
+            mine[key] = (full[:vocab_size] if key in (EMBEDDING, OUTPUT) else full).to("cpu", copy=True)
     if dist.get_world_size() == 1:
         return mine
     gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
