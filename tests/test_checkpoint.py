@@ -236,22 +236,33 @@ def test_hf_export_loads_in_transformers_with_the_trained_weights(chain, random_
     assert not torch.allclose(got, before)  # the step changed the model: not a copy of the source
 
 
-@pytest.mark.integration
-def test_hf_export_loads_in_sglang(chain, stub_log):
-    from transformers import AutoModelForCausalLM
-
+def _generate_with_sglang(model_dir, out_path):
+    """In a child process: SGLang's CPU set-up (stand-ins on the path) must not leak into pytest's."""
     from rl.sample import Sample
     from rollout.sglang_engine import RolloutEngine
-    from tests.conftest import stub_calls
 
-    out = chain["paths"]["hf"]
-    engine = RolloutEngine(out, device="cpu", max_total_tokens=1024, seed=0)
+    engine = RolloutEngine(model_dir, device="cpu", max_total_tokens=1024, seed=0)
     try:
         samples = [Sample(group_id=i, prompt=p, prompt_ids=engine.tokenizer.encode(p), reference="")
                    for i, p in enumerate(["12+34=", "7+8="])]
         engine.generate(samples, max_new_tokens=6, temperature=1.0)
     finally:
         engine.shutdown()
+    torch.save(samples, out_path)
+
+
+@pytest.mark.integration
+def test_hf_export_loads_in_sglang(chain, stub_log, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import stub_calls
+
+    out = chain["paths"]["hf"]
+    proc = mp.get_context("spawn").Process(target=_generate_with_sglang, args=(out, str(tmp_path / "samples.pt")))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
+    samples = torch.load(tmp_path / "samples.pt", weights_only=False)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for s in samples:
         ids = torch.tensor([s.prompt_ids + s.response_ids])
