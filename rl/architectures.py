@@ -28,9 +28,9 @@ def _dense_layer_spec(hf, device: str, config=None):
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if device == "cpu":
-        from rl.megatron_cpu import cpu_layer_spec
+        from rl.megatron_cpu import cpu_block_spec
 
-        spec = cpu_layer_spec(spec)
+        spec = cpu_block_spec(spec)
     return spec
 
 

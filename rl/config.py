@@ -6,7 +6,6 @@ names the field, e.g. ``rollout.samples_per_prompt: must be >= 2 (got 1)``.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -169,7 +168,8 @@ def validate(c: Config) -> None:
         _require(os.path.isdir(m.path), "model.path", "directory does not exist", m.path)
         _require(os.path.isfile(os.path.join(m.path, "config.json")), "model.path",
                  "has no config.json (expected a HuggingFace model directory)", m.path)
-    heads, kv_heads = _model_heads(c)
+    shape = _model_shape(c)
+    heads, kv_heads = shape["num_heads"], shape["num_kv_heads"]
     for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
         _require(getattr(m, name) > 0, f"model.{name}", "must be > 0", getattr(m, name))
     _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
@@ -179,7 +179,7 @@ def validate(c: Config) -> None:
 
     t = c.trainer
     try:
-        trainer_layout(c).check(**_model_shape(c))
+        trainer_layout(c).check(**shape)
     except LayoutError as exc:
         raise ConfigError(str(exc)) from None
     _require(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be >= 1", t.micro_batch_tokens)
@@ -247,13 +247,3 @@ def _model_shape(c: Config) -> dict:
     m = c.model
     return dict(num_layers=m.num_layers, num_heads=m.num_attention_heads, num_kv_heads=m.num_key_value_heads,
                 num_experts=None)
-
-
-def _model_heads(c: Config) -> tuple[int, int]:
-    """Attention and key/value head counts: from the model directory when given, else the demo shape."""
-    if c.model.path is None:
-        return c.model.num_attention_heads, c.model.num_key_value_heads
-    with open(os.path.join(c.model.path, "config.json")) as f:
-        hf = json.load(f)
-    heads = int(hf["num_attention_heads"])
-    return heads, int(hf.get("num_key_value_heads", heads))

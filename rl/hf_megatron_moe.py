@@ -221,7 +221,7 @@ def layer_spec(hf, device: str, config=None):
         megatron_cpu.fix_mla_te_flag()
         for layer in spec.layer_specs:
             if layer.submodules.self_attention.module is MLASelfAttention:
-                layer.submodules.self_attention.submodules.core_attention = megatron_cpu.SDPAMLACoreAttention
+                layer.submodules.self_attention.submodules.core_attention = megatron_cpu.SDPACoreAttention
     return spec
 
 

@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
 
 _patched = False
 
@@ -64,17 +63,19 @@ class _CpuTorch:
 class SDPACoreAttention(MegatronModule):
     """Causal core attention on `scaled_dot_product_attention`, in Megatron's tensor layout.
 
-    Input: query [sq, b, np, hn], key/value [sk, b, ng, hn] (ng key/value groups on this TP rank).
-    Output: [sq, b, np * hn]. Padding is on the right only, so a causal mask is sufficient.
+    Input: query/key [s, b, np | ng, hn], value [s, b, ng, hv] (ng key/value groups on this TP rank;
+    MLA passes keys and values for every head and a value head size hv of its own, `v_channels`).
+    Output: [s, b, np * hv]. Padding is on the right only, so a causal mask is sufficient.
     When `config.qk_clip or config.log_max_attention_logit`, it records `current_max_attn_logits` for
     QK-Clip, as TE's attention does on CUDA (see `rl.optimizers.apply_qk_clip`).
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 k_channels: Optional[int] = None, v_channels: Optional[int] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
-        head_dim = config.kv_channels
+        head_dim = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.current_max_attn_logits: Optional[torch.Tensor] = None  # [heads on this partition]
@@ -95,7 +96,7 @@ class SDPACoreAttention(MegatronModule):
             dropout_p=self.dropout if self.training else 0.0,
         )
         sq, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * query.shape[3])
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * value.shape[3])
 
 
 @torch.no_grad()
@@ -114,13 +115,6 @@ def record_max_attn_logits(core_attention, q: torch.Tensor, k: torch.Tensor) -> 
     core_attention.current_max_attn_logits = batch_max if previous is None else torch.maximum(previous, batch_max)
 
 
-def cpu_layer_spec(spec: ModuleSpec) -> ModuleSpec:
-    """A copy of a GPT layer spec whose core attention is `SDPACoreAttention`."""
-    spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    return spec
-
-
 # ==================================================================================================
 # Multi-latent attention (MLA) and MoE layers on CPU
 #
@@ -133,8 +127,8 @@ def cpu_layer_spec(spec: ModuleSpec) -> ModuleSpec:
 #   "isinstance() arg 2 must be a type...". No spec substitution avoids that line: the flag itself
 #   must say what is true, which `fix_mla_te_flag` does (only when TE is really absent).
 # - the local core attention `DotProductAttention` takes no `k_channels` / `v_channels` arguments,
-#   which MLA passes (its query/key head dim differs from its value head dim). `SDPAMLACoreAttention`
-#   accepts them and is substituted through the `ModuleSpec`, like `SDPACoreAttention` for dense layers.
+#   which MLA passes (its query/key head dim differs from its value head dim). `SDPACoreAttention`
+#   accepts them and is substituted through the `ModuleSpec` in MLA layers as in the others.
 #
 # MoE under tensor parallelism needs sequence parallelism (Megatron's MoE layer refuses to train
 # without it), and the local spec's norm (`WrappedTorchNorm`, used when Apex is absent) refuses
@@ -153,39 +147,6 @@ def fix_mla_te_flag() -> None:
 
     if not te_extension.HAVE_TE:
         multi_latent_attention.HAVE_TE = False
-
-
-class SDPAMLACoreAttention(MegatronModule):
-    """Causal core attention for MLA on `scaled_dot_product_attention`, in Megatron's tensor layout.
-
-    Input: query/key [s, b, np, qk_head_dim + rope_dim], value [s, b, np, v_head_dim] (MLA expands
-    keys and values to every head, so there is no grouping). Output: [s, b, np * v_head_dim].
-    """
-
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 k_channels: Optional[int] = None, v_channels: Optional[int] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
-        super().__init__(config=config)
-        if softmax_scale is None:
-            softmax_scale = 1.0 / math.sqrt(k_channels or config.kv_channels)
-        self.softmax_scale = softmax_scale
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.current_max_attn_logits: Optional[torch.Tensor] = None  # [heads on this partition]
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAMLACoreAttention supports neither packed sequences nor attention bias")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, np, s, hn]
-        if self.config.qk_clip or self.config.log_max_attention_logit:
-            record_max_attn_logits(self, q, k)  # MLA keys already cover every head
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        sq, b, heads = query.shape[0], query.shape[1], query.shape[2]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * value.shape[3])
 
 
 def use_cpu_rng_tracker() -> None:
@@ -208,11 +169,10 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 def cpu_block_spec(block_spec):
     """A copy of a GPT block spec (or single layer spec) for CPU, through spec substitutions only.
 
-    Layers with MLA get `SDPAMLACoreAttention`, the others `SDPACoreAttention`; torch norms become
+    Every layer's core attention (MLA or not) becomes `SDPACoreAttention`; torch norms become
     `SequenceParallelRMSNorm`. MoE layers need nothing else here (`patch_current_device` covers them,
     with the allgather token dispatcher).
     """
-    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     fix_mla_te_flag()
@@ -222,8 +182,7 @@ def cpu_block_spec(block_spec):
         block_spec.layer_norm = SequenceParallelRMSNorm
     for layer in layers:
         attention = layer.submodules.self_attention
-        is_mla = isinstance(attention.module, type) and issubclass(attention.module, MLASelfAttention)
-        attention.submodules.core_attention = SDPAMLACoreAttention if is_mla else SDPACoreAttention
+        attention.submodules.core_attention = SDPACoreAttention
         for holder, names in ((layer.submodules, ("input_layernorm", "pre_mlp_layernorm")),
                               (attention.submodules, ("q_layernorm", "k_layernorm", "kv_layernorm"))):
             for name in names:

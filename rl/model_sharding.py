@@ -23,7 +23,8 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
 
 
-def _is_expert(name: str) -> bool:
+def is_expert(name: str) -> bool:
+    """Routed-expert tensors (split over EP, and over the expert-TP group under TP)."""
     return ".experts." in name
 
 
@@ -31,11 +32,11 @@ def _is_glu(name: str, model) -> bool:
     return bool(model.config.gated_linear_unit) and re.search(r"linear_fc1\.(weight|bias)$", name) is not None
 
 
-def _tp(name: str):
+def tensor_parallel_of(name: str):
     """(rank, size, group) of the tensor-parallel group that splits this tensor."""
     from megatron.core import parallel_state as ps
 
-    if _is_expert(name):
+    if is_expert(name):
         return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
                 ps.get_expert_tensor_parallel_group())
     return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
@@ -52,12 +53,10 @@ def global_name(local: str, model) -> str:
         local = f"decoder.layers.{layer.layer_number - 1}." + local[match.end():]
     match = _EXPERT.search(local)
     if match:
-        experts = model.decoder.layers[0].mlp  # any MoE layer: all hold the same number of local experts
-        for layer in model.decoder.layers:
-            if hasattr(layer.mlp, "experts"):
-                experts = layer.mlp.experts
-                break
-        offset = ps.get_expert_model_parallel_rank() * experts.num_local_experts
+        # every MoE layer holds the same number of local experts
+        per_rank = next(layer.mlp.experts.num_local_experts for layer in model.decoder.layers
+                        if hasattr(layer.mlp, "experts"))
+        offset = ps.get_expert_model_parallel_rank() * per_rank
         local = local[: match.start()] + f".experts.local_experts.{offset + int(match.group(1))}." + local[match.end():]
     return local
 
@@ -104,7 +103,7 @@ def load_full_state(model, full: dict[str, torch.Tensor], padded_vocab: int) -> 
             tensor = full[_source(global_name(name, model), tied)]
             if name in (EMBEDDING, OUTPUT):
                 tensor = _pad_vocab(tensor, padded_vocab)
-            rank, size, _ = _tp(name)
+            rank, size, _ = tensor_parallel_of(name)
             shard = _split(tensor, _partition_dim(target), rank, size, _is_glu(name, model))
             if shard.shape != target.shape:
                 raise RuntimeError(f"{name}: shard shape {tuple(shard.shape)} != model shape {tuple(target.shape)}")
@@ -125,7 +124,7 @@ def gather_full_state(model, vocab_size: int, dst: int = 0, grads: bool = False)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
-        rank, size, group = _tp(name)
+        rank, size, group = tensor_parallel_of(name)
         dim = _partition_dim(tensor)
         full = tensor.detach()
         if grads:
@@ -137,7 +136,7 @@ def gather_full_state(model, vocab_size: int, dst: int = 0, grads: bool = False)
         key = global_name(name, model)
         if tied and key == OUTPUT:
             continue  # the last stage's copy of the embeddings
-        replica = ps.get_expert_data_parallel_rank() if _is_expert(name) else ps.get_data_parallel_rank()
+        replica = ps.get_expert_data_parallel_rank() if is_expert(name) else ps.get_data_parallel_rank()
         if rank == 0 and replica == 0:
             # a copy: on CPU `.cpu()` would alias the live parameter, which the next step changes
             mine[key] = (full[:vocab_size] if key in (EMBEDDING, OUTPUT) else full).to("cpu", copy=True)

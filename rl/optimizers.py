@@ -38,6 +38,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from rl.model_sharding import is_expert
+
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon; used by Moonlight and K2). They trade exact
 # convergence for speed: singular values land near 1 (roughly 0.7-1.2), not exactly on it.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -210,7 +212,7 @@ def _matrix_layout(name: str, param: torch.Tensor, config, split_qkv: bool, spli
     if dim is not None and ps.model_parallel_is_initialized():
         # Routed experts are split over the expert-TP group (Megatron sets allreduce=False on them only
         # under expert parallelism, hence the name test too; shared experts are dense).
-        expert = ".experts." in name or not getattr(param, "allreduce", True)
+        expert = is_expert(name) or not getattr(param, "allreduce", True)
         group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
     split: tuple[int, ...] = ()
     if split_qkv and _QKV.search(name):

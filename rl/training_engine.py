@@ -24,9 +24,9 @@ from transformers import AutoConfig
 
 from rl import architectures
 from rl.algorithms import group_mean_weights, kimi_k2_sample_losses
-from rl.micro_batches import MicroBatch, split_micro_batches
 from rl.checkpoint import export_hf, load_checkpoint, save_checkpoint
-from rl.model_sharding import gather_full_state, load_full_state
+from rl.micro_batches import MicroBatch, split_micro_batches
+from rl.model_sharding import gather_full_state, is_expert, load_full_state, tensor_parallel_of
 from rl.offload import Offloader
 from rl.optimizers import apply_qk_clip, build_optimizer, reset_max_attn_logits
 from rl.parallel_layout import ParallelLayout, model_shape
@@ -65,7 +65,6 @@ class TrainingEngine:
         self.layout = ParallelLayout(world_size, tensor_parallel_size, pipeline_parallel_size,
                                      expert_parallel_size).check(**model_shape(self.hf_config))
         self.device = resolve_device(device)
-        self.rank, self.tp = rank, tensor_parallel_size
         self.grad_clip, self.micro_batch_tokens = grad_clip, micro_batch_tokens
         self.qk_clip_tau = qk_clip_tau  # MuonClip's tau (K2: 100); None: no QK-Clip
         if self.device == "cpu":
@@ -244,7 +243,7 @@ class TrainingEngine:
 
     def _split(self, samples: list[Sample], weights: Optional[torch.Tensor] = None) -> list[MicroBatch]:
         return split_micro_batches(samples, weights, self.dp, self.dp_rank, self.micro_batch_tokens,
-                                   width_multiple=self.tp, uniform=self.layout.pipeline_parallel_size > 1)
+                                   width_multiple=self.layout.tensor_parallel_size, uniform=self.layout.pipeline_parallel_size > 1)
 
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
@@ -343,11 +342,10 @@ class TrainingEngine:
         for name, p in self.model.named_parameters():
             if not param_is_not_shared(p):
                 continue
-            is_expert = ".experts." in name
-            tp_rank = ps.get_expert_tensor_parallel_rank() if is_expert else self.tp_rank
+            tp_rank, _, _ = tensor_parallel_of(name)
             if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
                 sq = p.main_grad.float().pow(2).sum()
-                if is_expert:
+                if is_expert(name):
                     expert += sq
                 else:
                     dense += sq
