@@ -6,7 +6,6 @@ EP=1 in one process and at EP=2 in two (allgather token dispatcher, gloo). The H
 conversion must also round-trip bitwise.
 """
 import re
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from tests.conftest import pick_port
 
 TOLERANCE = 1e-4
 ARCHITECTURES = ["deepseek_v3", "deepseek_v3_half_split_rope", "qwen3_moe"]
@@ -117,15 +118,10 @@ def _worker(rank, world_size, model_paths, port, input_ids, out_path):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _megatron(model_paths: dict, ep: int, out_dir) -> dict:
     out = out_dir / f"megatron_ep{ep}.pt"
-    mp.start_processes(_worker, args=(ep, model_paths, _free_port(), _input_ids(), str(out)), nprocs=ep,
+    mp.start_processes(_worker, args=(ep, model_paths, pick_port(), _input_ids(), str(out)), nprocs=ep,
                        join=True, start_method="spawn")
     return torch.load(out)
 
