@@ -1,0 +1,119 @@
+"""The sync group: a torch.distributed process group of sources and receivers, separate from any group
+the process already belongs to (a Megatron trainer has its own), with a timeout on every collective.
+
+gloo on CPU and NCCL on CUDA through the same calls. Each member keeps a heartbeat in the group's
+TCPStore, so when a collective fails (a peer crashed: gloo reports a closed connection; or nothing
+came within the timeout) the error names the members that stopped beating.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+HEARTBEAT_S = 0.5
+
+
+class SyncError(RuntimeError):
+    """A push failed; the message names the step, the bucket and the members that stopped answering."""
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+class SyncGroup:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, device: str,
+                 timeout_s: float, member_names: Optional[list[str]] = None, prefix: str = "tandem-sync"):
+        self.rank, self.world_size, self.device, self.timeout_s = rank, world_size, device, timeout_s
+        self.member_names = member_names or [f"rank {r}" for r in range(world_size)]
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                                   wait_for_workers=True)
+        store = dist.PrefixStore(prefix, self.store)
+        if backend_for(device) == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        else:
+            self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        self._beating = True
+        self._beat()
+        self._heart = threading.Thread(target=self._heartbeat, daemon=True, name="sync-heartbeat")
+        self._heart.start()
+
+    # --- liveness -----------------------------------------------------------------------------------
+    def _beat(self) -> None:
+        self.store.set(f"heartbeat/{self.rank}", repr(time.time()))
+
+    def _heartbeat(self) -> None:
+        while self._beating:
+            time.sleep(HEARTBEAT_S)
+            try:
+                self._beat()
+            except Exception:
+                return  # the store (rank 0) is gone; `silent_members` reports it
+
+    def silent_members(self) -> list[str]:
+        """Members whose heartbeat stopped (rank 0 too when its store cannot be reached)."""
+        deadline = time.time() - 4 * HEARTBEAT_S
+        silent = []
+        try:
+            for r in range(self.world_size):
+                if r != self.rank and float(self.store.get(f"heartbeat/{r}")) < deadline:
+                    silent.append(self.member_names[r])
+        except Exception:
+            return [self.member_names[0] + " (its store is unreachable)"]
+        return silent
+
+    def failure(self, what: str, exc: BaseException) -> SyncError:
+        time.sleep(2 * HEARTBEAT_S)  # give a just-crashed peer's heartbeat time to go stale
+        silent = self.silent_members()
+        who = f"unresponsive: {', '.join(silent)}" if silent else "no member stopped beating"
+        return SyncError(f"{what} failed ({who}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+    # --- collectives (each waits at most timeout_s) --------------------------------------------------
+    def _wait(self, work) -> None:
+        if not work.wait(timedelta(seconds=self.timeout_s)):
+            raise TimeoutError(f"no completion within {self.timeout_s:g} s")
+
+    def broadcast(self, tensor: torch.Tensor, src: int, async_op: bool = False):
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        work = self.pg.broadcast([tensor], opts)
+        return work if async_op else self._wait(work)
+
+    def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], async_op: bool = False):
+        """Sum `inputs[r]` over members into member r's `output` (sizes may differ between members)."""
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        work = self.pg.reduce_scatter([output], [inputs], opts)
+        return work if async_op else self._wait(work)
+
+    def all_reduce_max(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self._wait(self.pg.allreduce([tensor], opts))
+        return int(tensor.item())
+
+    def wait(self, work) -> None:
+        self._wait(work)
+
+    def exchange(self, key: str, value: bytes) -> list[bytes]:
+        """Every member's `value` for `key`, through the store (small metadata only)."""
+        self.store.set(f"{key}/{self.rank}", value)
+        return [self.store.get(f"{key}/{r}") for r in range(self.world_size)]
+
+    def close(self) -> None:
+        self._beating = False
+        pg, self.pg = self.pg, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            try:
+                pg.shutdown()
+            except Exception:
+                pass

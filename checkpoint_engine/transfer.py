@@ -1,0 +1,161 @@
+"""One member's side of a push: pack, move and deliver every bucket of a plan, double-buffered.
+
+Group ranks 0..S-1 are sources (they hold the weights), S..S+R-1 receivers (each feeds one rollout
+rank). For bucket n a member fills slot n % 2 (sources pack their tensors), starts the collective
+asynchronously, and only then finishes bucket n-1: waits for its transfer, checks its checksum and
+delivers it (the rollout engine loads from the slot). So packing and moving bucket n overlap loading
+bucket n-1, and slot n % 2 is refilled only after bucket n-2 was delivered.
+
+Transports (`mode`):
+- "broadcast": bucket n's owner broadcasts the whole bucket; every member receives all of it (Kimi
+  K2's checkpoint engine). Sources also take part, as in Kimi's design where every worker gets the
+  full set.
+- "reduce_scatter": every member contributes its chunks for all receivers (zeros for what it does not
+  hold); an integer-sum reduce-scatter gives each receiver only its own chunk.
+
+After each bucket the members all-reduce a status word, so a checksum mismatch anywhere, or a member
+that died, fails the push on every member, naming the bucket and who failed.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable, Optional
+
+import torch
+
+from checkpoint_engine.buckets import (Bucket, trailer_bytes, pack, unpack, verify_chunk, write_checksum)
+from checkpoint_engine.group import SyncError, SyncGroup
+
+MODES = ("broadcast", "reduce_scatter")
+
+Produce = Callable[[Bucket], dict[str, torch.Tensor]]
+Deliver = Callable[[Bucket, torch.Tensor, list[tuple[str, torch.Tensor]]], None]
+
+
+def _buffer(nbytes: int, device: str) -> torch.Tensor:
+    buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    # CPU slots go to shared memory so a colocated engine can map them (the CPU analogue of CUDA IPC).
+    return buf.share_memory_() if buf.device.type == "cpu" else buf
+
+
+class TransferMember:
+    def __init__(self, group: SyncGroup, plan: list[Bucket], mode: str, num_sources: int, verify: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"transport must be one of {MODES} (got {mode!r})")
+        self.group, self.plan, self.mode, self.verify = group, plan, mode, verify
+        self.num_sources = num_sources
+        self.num_receivers = group.world_size - num_sources
+        rank = group.rank
+        self.source = rank if rank < num_sources else None
+        self.receiver = rank - num_sources if rank >= num_sources else None
+        tail = trailer_bytes(num_sources)
+        if mode == "broadcast":
+            self._recv_bytes = max((b.chunk_bytes[0] + tail for b in plan), default=0)
+            self._send_bytes = 0
+        else:
+            own = [0 if self.receiver is None else b.chunk_bytes[self.receiver] + tail for b in plan]
+            self._recv_bytes = max(own, default=0)
+            self._send_bytes = max((sum(b.chunk_bytes) + tail * len(b.chunk_bytes) for b in plan), default=0)
+        device = group.device
+        self.slots = [_buffer(self._recv_bytes, device) for _ in range(2)]
+        self.send_slots = [_buffer(self._send_bytes, device) for _ in range(2)] if self._send_bytes else []
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(s.numel() for s in self.slots + self.send_slots)
+
+    # --- one bucket --------------------------------------------------------------------------------
+    def _fill(self, bucket: Bucket, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Pack this source's contribution into the buffer the collective sends from."""
+        tail = trailer_bytes(self.num_sources)
+        if self.mode == "broadcast":
+            if self.source == bucket.owner:
+                chunk, data = self.slots[slot], bucket.chunk_bytes[0]
+                pack(chunk, data, bucket.layout(0), tensors)
+                write_checksum(chunk, data, self.source, self.num_sources)
+            return
+        send = self.send_slots[slot]
+        offset = 0
+        for r, data in enumerate(bucket.chunk_bytes):
+            chunk = send[offset:offset + data + tail]
+            if self.source is None:
+                chunk.zero_()  # receivers add nothing
+            else:
+                pack(chunk, data, bucket.layout(r), tensors)
+                write_checksum(chunk, data, self.source, self.num_sources)
+            offset += data + tail
+
+    def _start(self, bucket: Bucket, slot: int):
+        tail = trailer_bytes(self.num_sources)
+        if self.mode == "broadcast":
+            size = bucket.chunk_bytes[0] + tail
+            return self.group.broadcast(self.slots[slot][:size], src=bucket.owner, async_op=True)
+        sizes = [c + tail for c in bucket.chunk_bytes]
+        send = self.send_slots[slot]
+        inputs = [send[:0].view(torch.int32)] * self.num_sources  # members 0..S-1 (sources) receive nothing
+        offset = 0
+        for s in sizes:
+            inputs.append(send[offset:offset + s].view(torch.int32))
+            offset += s
+        own = 0 if self.receiver is None else sizes[self.receiver]
+        return self.group.reduce_scatter(self.slots[slot][:own].view(torch.int32), inputs, async_op=True)
+
+    def _chunk(self, bucket: Bucket, slot: int) -> tuple[torch.Tensor, int]:
+        data = bucket.chunk_bytes[0] if self.mode == "broadcast" else bucket.chunk_bytes[self.receiver]
+        return self.slots[slot][:data + trailer_bytes(self.num_sources)], data
+
+    def _finish(self, bucket: Bucket, slot: int, work, deliver: Optional[Deliver], times: dict, version: int) -> None:
+        t0 = time.perf_counter()
+        self.group.wait(work)
+        t1 = time.perf_counter()
+        times["transfer"] += t1 - t0
+        status = 0
+        if self.receiver is not None:
+            chunk, data = self._chunk(bucket, slot)
+            if self.verify and not verify_chunk(chunk, data, self.num_sources):
+                status = self.group.rank + 1
+            elif deliver is not None:
+                deliver(bucket, chunk, unpack(chunk, bucket.layout(self.receiver)))
+        t2 = time.perf_counter()
+        times["load"] += t2 - t1
+        failed = self.group.all_reduce_max(status)
+        times["transfer"] += time.perf_counter() - t2
+        if failed:
+            raise SyncError(f"weight push v{version}: bucket {bucket.index} checksum mismatch on "
+                            f"{self.group.member_names[failed - 1]} (tensors {bucket.names()[:4]}...)")
+
+    # --- the push ----------------------------------------------------------------------------------
+    def push(self, version: int, produce: Optional[Produce] = None, deliver: Optional[Deliver] = None) -> dict:
+        """Move every bucket of the plan. Sources pass `produce` (the tensors they hold for a bucket),
+        receivers `deliver` (hand a received chunk to the engine). Returns seconds per stage and bytes."""
+        times: dict[str, float] = defaultdict(float)
+        start = time.perf_counter()
+        pending = None
+        try:
+            for n, bucket in enumerate(self.plan):
+                slot = n % 2
+                t0 = time.perf_counter()
+                tensors = produce(bucket) if (produce is not None and self.source is not None) else {}
+                t1 = time.perf_counter()
+                self._fill(bucket, slot, tensors)
+                t2 = time.perf_counter()
+                times["gather"] += t1 - t0
+                times["pack"] += t2 - t1
+                work = self._start(bucket, slot)
+                if pending is not None:
+                    self._finish(*pending, deliver, times, version)
+                pending = (bucket, slot, work)
+            if pending is not None:
+                self._finish(*pending, deliver, times, version)
+        except SyncError:
+            raise
+        except Exception as exc:
+            raise self.group.failure(f"weight push v{version} ({self.mode}, member "
+                                     f"{self.group.member_names[self.group.rank]})", exc) from exc
+        received = 0
+        if self.receiver is not None:
+            received = sum(b.chunk_bytes[0] if self.mode == "broadcast" else b.chunk_bytes[self.receiver]
+                           for b in self.plan)
+        return {"seconds": time.perf_counter() - start, "buckets": len(self.plan), "bytes_received": received,
+                **{f"{k}_seconds": v for k, v in times.items()}}
