@@ -12,6 +12,8 @@ Transports (`mode`):
   full set.
 - "reduce_scatter": every member contributes its chunks for all receivers (zeros for what it does not
   hold); an integer-sum reduce-scatter gives each receiver only its own chunk.
+- "colocated": no collective and no group; the owner of a bucket delivers it from its own slot to the
+  engines beside it (shared memory on CPU, CUDA IPC on GPU). Every source is its own receiver.
 
 After each bucket the members all-reduce a status word, so a checksum mismatch anywhere, or a member
 that died, fails the push on every member, naming the bucket and who failed.
@@ -24,40 +26,55 @@ from typing import Callable, Optional
 
 import torch
 
-from checkpoint_engine.buckets import (Bucket, trailer_bytes, pack, unpack, verify_chunk, write_checksum)
+from checkpoint_engine.buckets import Bucket, TensorMeta, pack, trailer_bytes, verify_chunk, write_checksum
 from checkpoint_engine.group import SyncError, SyncGroup
 
-MODES = ("broadcast", "reduce_scatter")
+MODES = ("broadcast", "reduce_scatter", "colocated")
 
 Produce = Callable[[Bucket], dict[str, torch.Tensor]]
-Deliver = Callable[[Bucket, torch.Tensor, list[tuple[str, torch.Tensor]]], None]
+# Hands a received chunk to the engine; may return a callable that waits until the engine is done
+# with the chunk (its slot is not refilled before that).
+# Arguments: the bucket, this receiver's layout of it, and the chunk (data then checksum trailer).
+Deliver = Callable[[Bucket, tuple[TensorMeta, ...], torch.Tensor], Optional[Callable[[], None]]]
 
 
 def _buffer(nbytes: int, device: str) -> torch.Tensor:
     buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-    # CPU slots go to shared memory so a colocated engine can map them (the CPU analogue of CUDA IPC).
-    return buf.share_memory_() if buf.device.type == "cpu" else buf
+    if buf.device.type != "cpu":
+        return buf  # CUDA memory: engines map it through CUDA IPC handles
+    # CPU: shared memory that an engine maps by name (the CPU analogue of CUDA IPC). The "file_system"
+    # strategy, because the default passes file descriptors through a socket that only processes
+    # sharing a multiprocessing auth key (parent and child) may use, and Ray actors do not.
+    from torch import multiprocessing
+
+    multiprocessing.set_sharing_strategy("file_system")
+    return buf.share_memory_()
 
 
 class TransferMember:
-    def __init__(self, group: SyncGroup, plan: list[Bucket], mode: str, num_sources: int, verify: bool = True):
+    def __init__(self, group: Optional[SyncGroup], plan: list[Bucket], mode: str, num_sources: int,
+                 verify: bool = True, rank: Optional[int] = None, device: str = "cpu"):
+        """`group` is None in colocated mode, where `rank` (the source index) and `device` are given."""
         if mode not in MODES:
             raise ValueError(f"transport must be one of {MODES} (got {mode!r})")
         self.group, self.plan, self.mode, self.verify = group, plan, mode, verify
         self.num_sources = num_sources
-        self.num_receivers = group.world_size - num_sources
-        rank = group.rank
+        rank = group.rank if group is not None else rank
+        self.rank = rank
         self.source = rank if rank < num_sources else None
         self.receiver = rank - num_sources if rank >= num_sources else None
         tail = trailer_bytes(num_sources)
-        if mode == "broadcast":
+        if mode == "colocated":
+            self._recv_bytes = max((b.chunk_bytes[0] + tail for b in plan if b.owner == rank), default=0)
+            self._send_bytes = 0
+        elif mode == "broadcast":
             self._recv_bytes = max((b.chunk_bytes[0] + tail for b in plan), default=0)
             self._send_bytes = 0
         else:
             own = [0 if self.receiver is None else b.chunk_bytes[self.receiver] + tail for b in plan]
             self._recv_bytes = max(own, default=0)
             self._send_bytes = max((sum(b.chunk_bytes) + tail * len(b.chunk_bytes) for b in plan), default=0)
-        device = group.device
+        device = group.device if group is not None else device
         self.slots = [_buffer(self._recv_bytes, device) for _ in range(2)]
         self.send_slots = [_buffer(self._send_bytes, device) for _ in range(2)] if self._send_bytes else []
 
@@ -69,7 +86,7 @@ class TransferMember:
     def _fill(self, bucket: Bucket, slot: int, tensors: dict[str, torch.Tensor]) -> None:
         """Pack this source's contribution into the buffer the collective sends from."""
         tail = trailer_bytes(self.num_sources)
-        if self.mode == "broadcast":
+        if self.mode != "reduce_scatter":
             if self.source == bucket.owner:
                 chunk, data = self.slots[slot], bucket.chunk_bytes[0]
                 pack(chunk, data, bucket.layout(0), tensors)
@@ -88,6 +105,8 @@ class TransferMember:
 
     def _start(self, bucket: Bucket, slot: int):
         tail = trailer_bytes(self.num_sources)
+        if self.mode == "colocated":
+            return None
         if self.mode == "broadcast":
             size = bucket.chunk_bytes[0] + tail
             return self.group.broadcast(self.slots[slot][:size], src=bucket.owner, async_op=True)
@@ -102,28 +121,35 @@ class TransferMember:
         return self.group.reduce_scatter(self.slots[slot][:own].view(torch.int32), inputs, async_op=True)
 
     def _chunk(self, bucket: Bucket, slot: int) -> tuple[torch.Tensor, int]:
-        data = bucket.chunk_bytes[0] if self.mode == "broadcast" else bucket.chunk_bytes[self.receiver]
+        data = bucket.chunk_bytes[0] if not bucket.sliced else bucket.chunk_bytes[self.receiver]
         return self.slots[slot][:data + trailer_bytes(self.num_sources)], data
 
-    def _finish(self, bucket: Bucket, slot: int, work, deliver: Optional[Deliver], times: dict, version: int) -> None:
+    def _delivers(self, bucket: Bucket) -> bool:
+        return bucket.owner == self.source if self.mode == "colocated" else self.receiver is not None
+
+    def _finish(self, bucket: Bucket, slot: int, work, deliver: Optional[Deliver], times: dict, version: int):
+        """Wait for bucket's transfer, check and deliver it; returns the delivery's waiter, if any."""
         t0 = time.perf_counter()
-        self.group.wait(work)
+        if work is not None:
+            self.group.wait(work)
         t1 = time.perf_counter()
         times["transfer"] += t1 - t0
-        status = 0
-        if self.receiver is not None:
+        status, waiter = 0, None
+        if self._delivers(bucket):
             chunk, data = self._chunk(bucket, slot)
-            if self.verify and not verify_chunk(chunk, data, self.num_sources):
-                status = self.group.rank + 1
+            if self.verify and self.mode != "colocated" and not verify_chunk(chunk, data, self.num_sources):
+                status = self.rank + 1
             elif deliver is not None:
-                deliver(bucket, chunk, unpack(chunk, bucket.layout(self.receiver)))
+                waiter = deliver(bucket, bucket.layout(self.receiver or 0), chunk)
         t2 = time.perf_counter()
         times["load"] += t2 - t1
-        failed = self.group.all_reduce_max(status)
-        times["transfer"] += time.perf_counter() - t2
-        if failed:
-            raise SyncError(f"weight push v{version}: bucket {bucket.index} checksum mismatch on "
-                            f"{self.group.member_names[failed - 1]} (tensors {bucket.names()[:4]}...)")
+        if self.group is not None:
+            failed = self.group.all_reduce_max(status)
+            times["transfer"] += time.perf_counter() - t2
+            if failed:
+                raise SyncError(f"weight push v{version}: bucket {bucket.index} checksum mismatch on "
+                                f"{self.group.member_names[failed - 1]} (tensors {bucket.names()[:4]}...)")
+        return waiter
 
     # --- the push ----------------------------------------------------------------------------------
     def push(self, version: int, produce: Optional[Produce] = None, deliver: Optional[Deliver] = None) -> dict:
@@ -132,9 +158,19 @@ class TransferMember:
         times: dict[str, float] = defaultdict(float)
         start = time.perf_counter()
         pending = None
+        waiters: list = [None, None]  # per slot: the engine still reading it
+
+        def free(slot: int) -> None:
+            if waiters[slot] is not None:
+                t = time.perf_counter()
+                waiters[slot]()
+                waiters[slot] = None
+                times["load"] += time.perf_counter() - t
+
         try:
             for n, bucket in enumerate(self.plan):
                 slot = n % 2
+                free(slot)
                 t0 = time.perf_counter()
                 tensors = produce(bucket) if (produce is not None and self.source is not None) else {}
                 t1 = time.perf_counter()
@@ -144,18 +180,19 @@ class TransferMember:
                 times["pack"] += t2 - t1
                 work = self._start(bucket, slot)
                 if pending is not None:
-                    self._finish(*pending, deliver, times, version)
+                    waiters[pending[1]] = self._finish(*pending, deliver, times, version)
                 pending = (bucket, slot, work)
             if pending is not None:
-                self._finish(*pending, deliver, times, version)
+                waiters[pending[1]] = self._finish(*pending, deliver, times, version)
+            free(0)
+            free(1)
         except SyncError:
             raise
         except Exception as exc:
+            if self.group is None:
+                raise SyncError(f"weight push v{version} (colocated, source {self.rank}) failed: {exc}") from exc
             raise self.group.failure(f"weight push v{version} ({self.mode}, member "
                                      f"{self.group.member_names[self.group.rank]})", exc) from exc
-        received = 0
-        if self.receiver is not None:
-            received = sum(b.chunk_bytes[0] if self.mode == "broadcast" else b.chunk_bytes[self.receiver]
-                           for b in self.plan)
+        received = sum(self._chunk(b, 0)[1] for b in self.plan if self._delivers(b))
         return {"seconds": time.perf_counter() - start, "buckets": len(self.plan), "bytes_received": received,
                 **{f"{k}_seconds": v for k, v in times.items()}}

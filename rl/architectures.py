@@ -47,7 +47,7 @@ DENSE = SimpleNamespace(
     layer_spec=_dense_layer_spec,
     needs_sequence_parallel=False,
     hf_to_full=lambda state, hf: hf_to_full(state, Geometry.from_hf(hf)),
-    full_to_hf=lambda full, hf: full_to_hf(full, Geometry.from_hf(hf)),
+    full_to_hf=lambda full, hf, partial=False: full_to_hf(full, Geometry.from_hf(hf), partial),
 )
 
 # Qwen3-MoE and DeepSeek-V3 / Kimi K2 (MLA + routed and shared experts). Megatron's MoE layer refuses

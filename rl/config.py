@@ -110,6 +110,19 @@ class TrainerConfig:
 
 
 @dataclass
+class WeightSyncConfig:
+    """How weights reach the rollout engines after each update (checkpoint_engine/, docs/weight-sync.md)."""
+    # broadcast: each bucket's owner broadcasts it to every receiver (Kimi K2's checkpoint engine);
+    # reduce_scatter: trainer ranks add their shards, each receiver gets only its chunk;
+    # colocated: no collective, the owning trainer rank hands buckets to the engines in place.
+    transport: str = "broadcast"
+    bucket_mb: float = 512.0  # bucket size (slime's default); a tensor larger than this gets its own
+    verify_checksums: bool = True  # per-bucket checksum on every receiver
+    verify_full: bool = False  # after each push, compare all engine weights with the trainer's (slow)
+    timeout_s: float = 120.0  # bound on setup, on every collective and on a whole push
+
+
+@dataclass
 class ClusterConfig:
     # None: start a local Ray cluster (the embedded default); else join this address ("auto" too).
     address: Optional[str] = None
@@ -133,6 +146,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: int = 120
@@ -140,6 +154,7 @@ class Config:
 
 
 OBJECTIVES = ("kimi_k2",)
+SYNC_TRANSPORTS = ("broadcast", "reduce_scatter", "colocated")
 TASKS = ("addition",)
 
 
@@ -218,6 +233,11 @@ def validate(c: Config) -> None:
     _require(all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas", "must be in [0, 1)", t.adam_betas)
     _require(t.grad_clip > 0, "trainer.grad_clip", "must be > 0", t.grad_clip)
     _require(t.timeout_s > 0, "trainer.timeout_s", "must be > 0", t.timeout_s)
+
+    s = c.sync
+    _require(s.transport in SYNC_TRANSPORTS, "sync.transport", f"must be one of {SYNC_TRANSPORTS}", s.transport)
+    _require(s.bucket_mb > 0, "sync.bucket_mb", "must be > 0", s.bucket_mb)
+    _require(s.timeout_s > 0, "sync.timeout_s", "must be > 0", s.timeout_s)
 
     w = c.warm_start
     _require(0 <= w.label_smoothing < 1, "warm_start.label_smoothing", "must be in [0, 1)", w.label_smoothing)

@@ -9,6 +9,7 @@ Both directions are pure functions, so the round trip HF -> full -> HF can be ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -78,19 +79,40 @@ def hf_to_full(hf: dict[str, torch.Tensor], g: Geometry) -> dict[str, torch.Tens
     return full
 
 
-def full_to_hf(full: dict[str, torch.Tensor], g: Geometry) -> dict[str, torch.Tensor]:
-    """An HF state dict from the full Megatron state dict."""
-    hf = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-          "model.norm.weight": full["decoder.final_layernorm.weight"]}
+def full_to_hf_rules(g: Geometry) -> dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
+    """Megatron full-state name -> the function giving its HF tensors. Each HF tensor comes from exactly
+    one Megatron tensor, so any subset of the full state converts on its own (the weight sync streams)."""
+    rules: dict[str, Callable] = {"embedding.word_embeddings.weight": lambda t: {"model.embed_tokens.weight": t},
+                                  "decoder.final_layernorm.weight": lambda t: {"model.norm.weight": t}}
     if not g.tied_embeddings:
-        hf["lm_head.weight"] = full["output_layer.weight"]
+        rules["output_layer.weight"] = lambda t: {"lm_head.weight": t}
     for i in range(g.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         for msuffix, hsuffix in _LAYER_DIRECT.items():
-            hf[h + hsuffix] = full[m + msuffix]
+            rules[m + msuffix] = lambda t, name=h + hsuffix: {name: t}
         attn = h + "self_attn."
         for kind in ("weight", "bias") if g.qkv_bias else ("weight",):
-            q, k, v = _deinterleave_qkv(full[m + f"self_attention.linear_qkv.{kind}"], g)
-            hf[attn + f"q_proj.{kind}"], hf[attn + f"k_proj.{kind}"], hf[attn + f"v_proj.{kind}"] = q, k, v
-        hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = full[m + "mlp.linear_fc1.weight"].chunk(2)
+            names = [attn + f"{p}_proj.{kind}" for p in "qkv"]
+            rules[m + f"self_attention.linear_qkv.{kind}"] = (
+                lambda t, names=names: dict(zip(names, _deinterleave_qkv(t, g))))
+        rules[m + "mlp.linear_fc1.weight"] = (
+            lambda t, names=(h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"): dict(zip(names, t.chunk(2))))
+    return rules
+
+
+def apply_rules(rules: dict[str, Callable], full: dict[str, torch.Tensor], partial: bool) -> dict[str, torch.Tensor]:
+    """HF tensors from the full-state tensors present; without `partial`, every rule's tensor must be."""
+    if not partial:
+        missing = [k for k in rules if k not in full]
+        if missing:
+            raise KeyError(f"full state lacks {missing[:5]} ({len(missing)} in all)")
+    hf: dict[str, torch.Tensor] = {}
+    for key, tensor in full.items():
+        if key in rules:
+            hf.update(rules[key](tensor))
     return {k: v.contiguous() for k, v in hf.items()}
+
+
+def full_to_hf(full: dict[str, torch.Tensor], g: Geometry, partial: bool = False) -> dict[str, torch.Tensor]:
+    """An HF state dict from the full Megatron state dict (or from any subset of it, with `partial`)."""
+    return apply_rules(full_to_hf_rules(g), full, partial)

@@ -44,10 +44,12 @@ plus embedding.word_embeddings.weight <-> model.embed_tokens.weight, decoder.fin
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from rl.hf_megatron import apply_rules
 
 DEEPSEEK_TYPES = ("deepseek_v3", "kimi_k2")
 QWEN3_MOE_TYPES = ("qwen3_moe",)
@@ -416,32 +418,38 @@ def hf_to_full(hf_state: dict[str, torch.Tensor], hf) -> dict[str, torch.Tensor]
     return full
 
 
-def full_to_hf(full: dict[str, torch.Tensor], hf) -> dict[str, torch.Tensor]:
-    """An HF state dict, in the per-expert checkpoint layout, from the full Megatron state dict."""
+def full_to_hf_rules(hf) -> dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
+    """Megatron full-state name -> the function giving its HF tensors (one source tensor each, so any
+    subset of the full state converts on its own), in the per-expert checkpoint layout."""
     _check_supported(hf)
-    out = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-           "model.norm.weight": full["decoder.final_layernorm.weight"]}
+    rules: dict[str, Callable] = {"embedding.word_embeddings.weight": lambda t: {"model.embed_tokens.weight": t},
+                                  "decoder.final_layernorm.weight": lambda t: {"model.norm.weight": t}}
     if not getattr(hf, "tie_word_embeddings", False):
-        out["lm_head.weight"] = full["output_layer.weight"]
+        rules["output_layer.weight"] = lambda t: {"lm_head.weight": t}
     order = _rope_row_order(hf) if is_mla(hf) else None
     for i in range(hf.num_hidden_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         for msuffix, hsuffix in _layer_tables(hf, i).items():
-            out[h + hsuffix] = full[m + msuffix]
+            rules[m + msuffix] = lambda t, name=h + hsuffix: {name: t}
         attn = h + "self_attn."
         if is_mla(hf):
             q_rows, q_name, q_hf = _mla_q_projection(hf)
-            out[attn + f"{q_hf}.weight"] = _reorder_rope_rows(
-                full[m + f"self_attention.{q_name}.weight"], q_rows, hf.qk_rope_head_dim, order, inverse=True)
-            kv_a = full[m + "self_attention.linear_kv_down_proj.weight"]
-            out[attn + "kv_a_proj_with_mqa.weight"] = _reorder_rope_rows(
-                kv_a, kv_a.shape[0], hf.qk_rope_head_dim, order, inverse=True)
+            rules[m + f"self_attention.{q_name}.weight"] = lambda t, name=attn + f"{q_hf}.weight": {
+                name: _reorder_rope_rows(t, q_rows, hf.qk_rope_head_dim, order, inverse=True)}
+            rules[m + "self_attention.linear_kv_down_proj.weight"] = lambda t, name=attn + "kv_a_proj_with_mqa.weight": {
+                name: _reorder_rope_rows(t, t.shape[0], hf.qk_rope_head_dim, order, inverse=True)}
         else:
-            q, k, v = _split_qkv(full[m + "self_attention.linear_qkv.weight"], hf.num_attention_heads,
-                                 hf.num_key_value_heads, _head_dim(hf))
-            out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
+            names = [attn + f"{p}_proj.weight" for p in "qkv"]
+            rules[m + "self_attention.linear_qkv.weight"] = lambda t, names=names: dict(zip(names, _split_qkv(
+                t, hf.num_attention_heads, hf.num_key_value_heads, _head_dim(hf))))
         for mprefix, hprefix in _mlps(hf, i):
-            gate, up = full[m + mprefix + "linear_fc1.weight"].chunk(2, dim=0)
-            out[h + hprefix + "gate_proj.weight"], out[h + hprefix + "up_proj.weight"] = gate, up
-            out[h + hprefix + "down_proj.weight"] = full[m + mprefix + "linear_fc2.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+            p = h + hprefix
+            rules[m + mprefix + "linear_fc1.weight"] = lambda t, names=(p + "gate_proj.weight", p + "up_proj.weight"): (
+                dict(zip(names, t.chunk(2, dim=0))))
+            rules[m + mprefix + "linear_fc2.weight"] = lambda t, name=p + "down_proj.weight": {name: t}
+    return rules
+
+
+def full_to_hf(full: dict[str, torch.Tensor], hf, partial: bool = False) -> dict[str, torch.Tensor]:
+    """An HF state dict from the full Megatron state dict (or from any subset of it, with `partial`)."""
+    return apply_rules(full_to_hf_rules(hf), full, partial)

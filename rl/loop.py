@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import ray
 from transformers import AutoTokenizer
 
-from checkpoint_engine import ObjectStoreWeightSync
+from checkpoint_engine import CheckpointEngine
 from rewards import exact_match
 from rl.algorithms import group_mean_advantages
 from rl.cluster import colocated_bundles, in_bundle, start_ray
@@ -37,7 +37,7 @@ class Engines:
     """The actors of one colocated RL job."""
     trainers: list  # one per training rank (TP x PP x DP), trainer i in bundle i
     rollout: object  # the SGLang engine, in bundle 0 beside trainer rank 0
-    sync: ObjectStoreWeightSync
+    sync: CheckpointEngine
     placement_group: object
 
     @classmethod
@@ -71,9 +71,17 @@ class Engines:
             seed=config.seed, release_memory_during_train=r.release_memory_during_train)
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         ray.get([a.__ray_ready__.remote() for a in [*trainers, rollout]], timeout=timeout)
-        return cls(trainers, rollout, ObjectStoreWeightSync(trainers, [rollout], timeout), pg)
+        s = config.sync
+        sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s.transport, int(s.bucket_mb * 2**20),
+                                device, s.timeout_s, s.verify_checksums, s.verify_full)
+        sync.setup()
+        return cls(trainers, rollout, sync, pg)
 
     def shutdown(self) -> None:
+        try:
+            self.sync.teardown()
+        except Exception:
+            pass
         try:
             ray.get(self.rollout.shutdown.remote(), timeout=60)
         except Exception:
@@ -160,8 +168,8 @@ class RLLoop:
             "rollout_seconds": t1 - t0,
             "reward_seconds": t2 - t1,
             "train_seconds": t3 - t2,
+            **sync,
             "sync_seconds": t4 - t3,
-            "sync_load_seconds": sync["sync_load_seconds"],
             "step_seconds": t4 - step_start,
         }
         if "max_attn_logit" in train:  # MuonClip's QK-Clip is on

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from checkpoint_engine.endpoint import Endpoint, engine_delivery
 from rl import architectures
 from rl.algorithms import group_mean_weights, kimi_k2_sample_losses
 from rl.checkpoint import export_hf, load_checkpoint, save_checkpoint
@@ -30,6 +31,7 @@ from rl.model_sharding import gather_full_state, is_expert, load_full_state, ten
 from rl.offload import Offloader
 from rl.optimizers import apply_qk_clip, build_optimizer, reset_max_attn_logits
 from rl.parallel_layout import ParallelLayout, model_shape
+from rl.weight_export import WeightExport
 from rl.sample import Sample
 
 
@@ -95,6 +97,8 @@ class TrainingEngine:
             model_parallel_cuda_manual_seed(seed)
 
         self.arch = architectures.for_config(self.hf_config)
+        self._export: Optional[WeightExport] = None
+        self._sync = Endpoint()
         self.vocab_size = self.hf_config.vocab_size
         multiple = vocab_pad_multiple * tensor_parallel_size
         self.padded_vocab = -(-self.vocab_size // multiple) * multiple
@@ -361,8 +365,30 @@ class TrainingEngine:
                 p.main_grad.mul_(scale)
         return norm
 
+    # --- weight sync: this rank as a checkpoint-engine source --------------------------------------
+    def weight_sync_provided(self, placed: bool) -> list:
+        """The HF tensors (TensorMeta) this rank contributes to a push; see rl/weight_export.py."""
+        if self._export is None:
+            self._export = WeightExport(self.model, self.arch, self.hf_config, self.vocab_size)
+        return self._export.provided(placed)
+
+    def weight_sync_setup(self, rollouts: Optional[list] = None, **endpoint_args) -> int:
+        """Join the sync group; in colocated mode, `rollouts` are the engines this rank delivers to."""
+        self._sync_placed = endpoint_args["mode"] == "reduce_scatter"
+        self._sync_deliver = engine_delivery(rollouts, endpoint_args["timeout_s"]) if rollouts else None
+        return self._sync.setup(**endpoint_args)
+
+    def weight_sync_push(self, version: int) -> dict:
+        produce = lambda bucket: self._export.produce(bucket.names(), self._sync_placed)  # noqa: E731
+        return self._sync.push(version, produce=produce, deliver=self._sync_deliver)
+
+    def weight_sync_teardown(self) -> None:
+        self._sync.teardown()
+
     def shutdown(self) -> None:
         from megatron.core import parallel_state
+
+        self._sync.teardown()
 
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():

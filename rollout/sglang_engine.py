@@ -5,6 +5,9 @@ logprobs, so nothing is re-tokenised. Every sample is stamped with the engine's 
 """
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from typing import Optional
 
@@ -12,6 +15,16 @@ import torch
 
 from rl.sample import Sample
 from rl.training_engine import resolve_device
+from rollout import sglang_loader
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _export_repo_to_workers() -> None:
+    """SGLang's worker processes import our weight loaders by module path: put the repo on their path."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if REPO_ROOT not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, REPO_ROOT])
 
 
 class RolloutEngine:
@@ -27,11 +40,12 @@ class RolloutEngine:
             kwargs.update(sglang_cpu.engine_kwargs(tensor_parallel_size))
         else:
             kwargs.update(mem_fraction_static=mem_fraction_static, enable_memory_saver=release_memory_during_train)
+        _export_repo_to_workers()
         import sglang
 
         self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
                                     max_total_tokens=max_total_tokens, random_seed=seed, log_level="error",
-                                    **kwargs)
+                                    custom_weight_loader=sglang_loader.LOADERS, **kwargs)
         self.tokenizer = self.engine.tokenizer_manager.tokenizer
         self.weight_version = 0
         self.can_release_memory = self.device != "cpu" and release_memory_during_train
@@ -51,19 +65,45 @@ class RolloutEngine:
             s.weight_version = self.weight_version
         return samples
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> dict[str, float]:
-        """Load full HF-named tensors into the engine and adopt `version` for later samples."""
-        start = time.perf_counter()
-        # SGLang 0.5.23 requires a weight-update session around tensor loads.
+    # --- weight updates (driven by checkpoint_engine) ------------------------------------------------
+    def begin_update(self) -> None:
+        """Open SGLang's weight-update session (0.5.23 requires one around tensor loads)."""
         self.engine.begin_weight_update()
-        try:
-            ok, message = self.engine.update_weights_from_tensor(list(named_tensors.items()), flush_cache=True)
-        finally:
-            self.engine.end_weight_update()
+
+    def load_bucket(self, handle: bytes, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> float:
+        """Load one bucket, read in place from the sender's buffer (`handle`); returns seconds."""
+        start = time.perf_counter()
+        ok, message = self.engine.update_weights_from_tensor(
+            [(sglang_loader.BUCKET_KEY, sglang_loader.encode_bucket(handle, tensors))],
+            load_format=sglang_loader.LOAD_BUCKET, flush_cache=False)
         if not ok:
-            raise RuntimeError(f"SGLang weight update to version {version} failed: {message}")
-        self.weight_version = version
-        return {"load_seconds": time.perf_counter() - start}
+            raise RuntimeError(f"SGLang could not load a weight bucket: {message}")
+        return time.perf_counter() - start
+
+    def end_update(self, version: Optional[int]) -> None:
+        """Close the session, drop cached prefixes computed with the old weights, adopt `version`
+        (None: the push failed; the version stays, and the step reports the failure)."""
+        self.engine.end_weight_update()
+        self.engine.flush_cache()
+        if version is not None:
+            self.weight_version = version
+
+    def verify_weights(self, named_tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Names of the engine's parameters that differ from what `named_tensors` load to (empty: equal)."""
+        with tempfile.TemporaryDirectory() as report_dir:
+            payload = [*named_tensors.items(), (sglang_loader.REPORT_KEY, sglang_loader.encode_report_path(report_dir))]
+            self.engine.begin_weight_update()
+            try:
+                ok, message = self.engine.update_weights_from_tensor(
+                    payload, load_format=sglang_loader.VERIFY_WEIGHTS, flush_cache=False)
+            finally:
+                self.engine.end_weight_update()
+            if not ok:
+                raise RuntimeError(f"SGLang weight check failed to run: {message}")
+            reports = [json.load(open(os.path.join(report_dir, f))) for f in sorted(os.listdir(report_dir))]
+        if not reports:
+            raise RuntimeError("SGLang weight check wrote no report")
+        return sorted({name for report in reports for name in report})
 
     def release_memory(self) -> None:
         """Free weights and KV cache while the colocated trainer works (no-op on CPU)."""

@@ -46,14 +46,20 @@ def _check_steps(metrics, run_dir):
 
 
 @pytest.mark.integration
-def test_rl_steps_keep_rollout_and_trainer_in_sync(demo_model, tmp_path, stub_log):
-    metrics = _run(demo_model, tmp_path)
+@pytest.mark.parametrize("transport", ["broadcast", "colocated"])
+def test_rl_steps_keep_rollout_and_trainer_in_sync(demo_model, tmp_path, stub_log, transport):
+    """Every sync goes through the checkpoint engine; `verify_full` compares every engine parameter with
+    the trainer's after each push (gathered the simple way, not through the buckets)."""
+    metrics = _run(demo_model, tmp_path, sync={"transport": transport, "verify_full": True, "bucket_mb": 0.05})
     _check_steps(metrics, tmp_path)
+    assert all(m["sync_buckets"] > 1 and m["sync_bytes"] > 0 for m in metrics)  # several buckets per push
     assert stub_calls(stub_log) == []
 
 
 @pytest.mark.integration
 def test_rl_steps_with_tensor_parallel_trainer(demo_model, tmp_path):
-    """Two Megatron TP ranks in two colocated bundles; the sync gathers their shards."""
-    metrics = _run(demo_model, tmp_path, trainer={"tensor_parallel_size": 2})
+    """Two Megatron TP ranks in two colocated bundles; with reduce_scatter each adds its own shards
+    (no gather on the trainers) and the receiver gets the assembled tensors."""
+    metrics = _run(demo_model, tmp_path, trainer={"tensor_parallel_size": 2},
+                   sync={"transport": "reduce_scatter", "verify_full": True, "bucket_mb": 0.05})
     _check_steps(metrics, tmp_path)

@@ -1,0 +1,150 @@
+"""The driver's side of the checkpoint engine: plan once, push after every update, tear down.
+
+setup: every trainer rank reports the HF tensors it provides; the driver cuts them into buckets (one
+plan shared by every member), starts one `WeightReceiver` beside each rollout engine (not in
+colocated mode) and has all members join the sync group. push(version): opens each engine's
+weight-update session, runs every member's side of the push at once, closes the session with the new
+version, and optionally checks the engines' weights against the trainer's. A failed push tears the
+group down and names who failed; the next push sets it up again (a dead receiver is replaced).
+"""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Optional
+
+import ray
+
+from checkpoint_engine.buckets import Bucket, plan_full, plan_sliced
+from checkpoint_engine.group import SyncError
+from checkpoint_engine.receiver import WeightReceiver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [l for l in str(exc).splitlines() if l.strip()]
+    errors = [l for l in lines if "Error" in l and ":" in l]
+    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__).strip()
+
+
+class CheckpointEngine:
+    def __init__(self, trainers: list, rollouts: list, rollout_strategies: list, transport: str,
+                 bucket_bytes: int, device: str, timeout_s: float, verify_checksums: bool = True,
+                 verify_full: bool = False):
+        self.trainers, self.rollouts, self.rollout_strategies = trainers, rollouts, rollout_strategies
+        self.transport, self.bucket_bytes, self.device = transport, bucket_bytes, device
+        self.timeout_s, self.verify_checksums, self.verify_full = timeout_s, verify_checksums, verify_full
+        self.plan: Optional[list[Bucket]] = None
+        self.receivers: list = []
+        self.payload_bytes = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def _make_plan(self) -> list[Bucket]:
+        placed = self.transport == "reduce_scatter"
+        provided = ray.get([t.weight_sync_provided.remote(placed) for t in self.trainers], timeout=self.timeout_s)
+        tensors = {}
+        for metas in provided:
+            for m in metas:
+                tensors.setdefault(m.name, m)
+        self.payload_bytes = sum(m.nbytes for m in tensors.values())
+        if placed:
+            receivers = len(self.rollouts)
+            return plan_sliced(list(tensors.values()), lambda m: [None] * receivers, receivers, self.bucket_bytes)
+        return plan_full({rank: metas for rank, metas in enumerate(provided) if metas}, self.bucket_bytes)
+
+    def member_names(self) -> list[str]:
+        return ([f"trainer rank {i}" for i in range(len(self.trainers))]
+                + [f"receiver of rollout engine {j}" for j in range(len(self.receivers))])
+
+    def setup(self) -> None:
+        self.teardown()
+        self.plan = self._make_plan()
+        common = dict(master_addr="127.0.0.1", master_port=_free_port(), device=self.device, timeout_s=self.timeout_s,
+                      plan=self.plan, mode=self.transport, num_sources=len(self.trainers),
+                      verify=self.verify_checksums)
+        if self.transport == "colocated":
+            common.update(world_size=len(self.trainers), member_names=self.member_names())
+            refs = [t.weight_sync_setup.remote(rollouts=self.rollouts, rank=i, **common)
+                    for i, t in enumerate(self.trainers)]
+        else:
+            cls = ray.remote(WeightReceiver)
+            self.receivers = [cls.options(num_cpus=0, scheduling_strategy=strategy).remote(rollout, self.timeout_s)
+                              for rollout, strategy in zip(self.rollouts, self.rollout_strategies)]
+            common.update(world_size=len(self.trainers) + len(self.receivers), member_names=self.member_names())
+            members = [*(t.weight_sync_setup for t in self.trainers), *(r.setup for r in self.receivers)]
+            refs = [setup.remote(rank=i, **common) for i, setup in enumerate(members)]
+        self._collect(refs, "setup")
+
+    def teardown(self) -> None:
+        for t in self.trainers:
+            try:
+                ray.get(t.weight_sync_teardown.remote(), timeout=self.timeout_s)
+            except Exception:
+                pass  # a dead trainer fails the run elsewhere
+        for r in self.receivers:
+            ray.kill(r)
+        self.receivers, self.plan = [], None
+
+    # --- the push ----------------------------------------------------------------------------------
+    def _collect(self, refs: list, what: str) -> list:
+        """Every member's result, or one error naming each member that failed (bounded by the timeout)."""
+        deadline = time.monotonic() + self.timeout_s
+        results, errors = [], []
+        for name, ref in zip(self.member_names(), refs):
+            try:
+                results.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
+            except Exception as exc:  # RayTaskError (wrapping SyncError), RayActorError, GetTimeoutError
+                errors.append(f"{name}: {_first_line(exc)}")
+        if errors:
+            raise SyncError(f"weight sync {what} ({self.transport}) failed; " + " | ".join(errors))
+        return results
+
+    def push(self, version: int) -> dict[str, float]:
+        """Move the trainer's current weights into every rollout engine and stamp them `version`."""
+        start = time.perf_counter()
+        if self.plan is None:
+            self.setup()
+        ray.get([r.begin_update.remote() for r in self.rollouts], timeout=self.timeout_s)
+        done = False
+        try:
+            refs = [t.weight_sync_push.remote(version) for t in self.trainers]
+            refs += [r.push.remote(version) for r in self.receivers]
+            results = self._collect(refs, f"push v{version}")
+            done = True
+        except Exception:
+            self.teardown()  # the next push builds a fresh group (and replaces dead receivers)
+            raise
+        finally:
+            ray.get([r.end_update.remote(version if done else None) for r in self.rollouts], timeout=self.timeout_s)
+        seconds = time.perf_counter() - start
+        sources, receivers = results[:len(self.trainers)], results[len(self.trainers):] or results
+        metrics = {
+            "sync_seconds": seconds,
+            "sync_bytes": float(self.payload_bytes),
+            "sync_buckets": float(len(self.plan)),
+            "sync_gbps": self.payload_bytes / seconds / 1e9,
+            "sync_gather_seconds": max(r.get("gather_seconds", 0.0) for r in sources),
+            "sync_pack_seconds": max(r.get("pack_seconds", 0.0) for r in sources),
+            "sync_transfer_seconds": max(r.get("transfer_seconds", 0.0) for r in results),
+            "sync_load_seconds": max(r.get("load_seconds", 0.0) for r in receivers),
+        }
+        if self.verify_full:
+            metrics["sync_verify_seconds"] = self.verify()
+        return metrics
+
+    def verify(self) -> float:
+        """Compare every engine's weights with the trainer's full state (gathered the simple way, not
+        through the buckets); raise naming the parameters that differ."""
+        start = time.perf_counter()
+        states = ray.get([t.hf_state_dict.remote() for t in self.trainers], timeout=self.timeout_s)
+        for j, rollout in enumerate(self.rollouts):
+            differ = ray.get(rollout.verify_weights.remote(states[0]), timeout=self.timeout_s)
+            if differ:
+                raise SyncError(f"rollout engine {j} weights differ from the trainer's after the push: "
+                                f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}")
+        return time.perf_counter() - start

@@ -1,0 +1,73 @@
+"""Weight loaders that run inside SGLang's model workers (registered as SGLang `custom_weight_loader`s).
+
+`load_bucket` is how a checkpoint-engine bucket reaches the model without a copy through the
+tokenizer process: the request carries only a small descriptor (an IPC handle of the bucket buffer:
+shared memory on CPU, CUDA IPC on GPU, plus the tensors' names, dtypes, shapes and offsets); each
+worker maps the buffer, views the tensors in place and hands them to the model's own `load_weights`,
+which shards them for its tensor-parallel rank.
+
+`verify_weights` is the optional full check: it reloads the trainer's tensors through the same
+`load_weights` and reports every parameter whose bytes changed, i.e. that differed after the push.
+Loader exceptions would kill SGLang's worker, so it reports through a file instead of raising.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import torch
+
+BUCKET_KEY = "tandem.bucket"
+REPORT_KEY = "tandem.verify_report"
+LOAD_BUCKET = "rollout.sglang_loader.load_bucket"
+VERIFY_WEIGHTS = "rollout.sglang_loader.verify_weights"
+LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS]
+
+
+def encode_bucket(handle: bytes, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> torch.Tensor:
+    """A bucket descriptor as the uint8 tensor SGLang's weight-update request can carry."""
+    blob = pickle.dumps({"handle": handle, "tensors": tensors})
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+def _decode(tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    from sglang.srt.utils.common import MultiprocessingSerializer
+
+    desc = pickle.loads(tensor.cpu().numpy().tobytes())  # our own descriptor: plain dict of str/int/bytes
+    buffer = MultiprocessingSerializer.deserialize(desc["handle"])  # SGLang's allow-listed unpickler
+    out = []
+    for name, dtype, shape, offset in desc["tensors"]:
+        dt = getattr(torch, dtype)
+        nbytes = dt.itemsize * int(torch.Size(shape).numel())
+        out.append((name, buffer[offset:offset + nbytes].view(dt).view(shape)))
+    return out
+
+
+def load_bucket(model, named_tensors) -> None:
+    for key, tensor in named_tensors:
+        if key != BUCKET_KEY:
+            raise ValueError(f"load_bucket expects {BUCKET_KEY!r} entries, got {key!r}")
+        model.load_weights(_decode(tensor))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().flatten().view(torch.uint8)
+
+
+def encode_report_path(path: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.encode()), dtype=torch.uint8)
+
+
+def verify_weights(model, named_tensors) -> None:
+    """Reload the given tensors and write the names of parameters that changed to the report directory.
+
+    A loader that raises would take SGLang's worker down, so the result goes to a file per worker.
+    """
+    tensors = dict(named_tensors)
+    report_dir = bytes(tensors.pop(REPORT_KEY).cpu().numpy()).decode()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.load_weights(list(tensors.items()))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(_bytes(p.detach()), _bytes(before[n]))]
+    with open(os.path.join(report_dir, f"{os.getpid()}.json"), "w") as f:
+        json.dump(changed, f)
