@@ -2,10 +2,6 @@
 
 Reading order: `buckets` (plans and byte layout), `group` (the process group, timeouts, liveness),
 `transfer` (one member's double-buffered push), `endpoint` / `receiver` (the members in Ray actors),
-`engine` (the driver: setup, push, teardown, metrics, verification).
+`engine` (the driver: setup, push, teardown, metrics, verification). Nothing is imported here, so a
+process that only moves bytes does not pay for Ray.
 """
-from checkpoint_engine.engine import CheckpointEngine
-from checkpoint_engine.group import SyncError
-from checkpoint_engine.transfer import MODES
-
-__all__ = ["CheckpointEngine", "SyncError", "MODES"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import ray
 from transformers import AutoTokenizer
 
-from checkpoint_engine import CheckpointEngine
+from checkpoint_engine.engine import CheckpointEngine
 from rewards import exact_match
 from rl.algorithms import group_mean_advantages
 from rl.cluster import colocated_bundles, in_bundle, start_ray

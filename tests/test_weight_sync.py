@@ -1,0 +1,111 @@
+"""The checkpoint engine's transports between real processes over gloo: exact delivery, checksums,
+failures that name the dead member within the timeout, and a working push after a restart."""
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from checkpoint_engine.buckets import (checksum, dtype_name, pack, plan_full, trailer_bytes, unpack, verify_chunk,
+                                       write_checksum)
+from tests.conftest import pick_port
+from tests.sync_members import BUCKET, _bits, _metas, make_plan, member, source_tensors
+
+def run_group(mode, sources, world, die_at_bucket=None, die_rank=None, timeout=10.0):
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), pick_port()
+    procs = [ctx.Process(target=member, args=(r, world, sources, mode, port, results,
+                                             die_at_bucket if r == die_rank else None, timeout))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    expected = world - (1 if die_rank is not None else 0)
+    out = dict((r, rest) for r, *rest in (results.get(timeout=120) for _ in range(expected)))
+    for p in procs:
+        p.join(timeout=60)
+    return out
+
+
+def expected_for(receiver: int, receivers: int, mode: str, sources: int) -> dict[str, torch.Tensor]:
+    plan = make_plan(mode, sources, receivers)
+    full = {n: t for s in range(sources) for n, t in source_tensors(s).items()}
+    out = {}
+    for bucket in plan:
+        for meta in bucket.layout(receiver):
+            out[meta.name] = meta.region.of(full[meta.name]) if meta.region else full[meta.name]
+    return out
+
+
+@pytest.mark.parametrize("mode,sources,world", [("broadcast", 1, 2), ("broadcast", 2, 4),
+                                                ("reduce_scatter", 1, 3), ("reduce_scatter", 2, 4)])
+def test_push_delivers_bitwise_identical_tensors(mode, sources, world):
+    receivers = world - sources
+    plan = make_plan(mode, sources, receivers)
+    assert any(t.numel() * t.element_size() > BUCKET for t in source_tensors(0).values())
+    out = run_group(mode, sources, world)
+    for rank in range(world):
+        status, got, stats = out[rank]
+        assert status == "ok", got
+        assert stats["buckets"] == len(plan)
+        if rank < sources:
+            assert got == {}
+            continue
+        expected = expected_for(rank - sources, receivers, mode, sources)
+        assert set(got) == set(expected)
+        for name, tensor in expected.items():
+            assert got[name] == (dtype_name(tensor.dtype), tuple(tensor.shape), _bits(tensor).numpy().tobytes()), name
+        if mode == "reduce_scatter":  # each receiver got only its rows of the sliceable tensors
+            assert got["s0.big"][1][0] == 64 // receivers
+
+
+def test_receiver_killed_mid_push_fails_every_survivor_naming_it_within_the_timeout():
+    timeout = 8.0
+    out = run_group("broadcast", 1, 3, die_at_bucket=1, die_rank=2, timeout=timeout)
+    assert set(out) == {0, 1}
+    for rank in (0, 1):
+        status, message, seconds = out[rank]
+        assert status == "error"
+        assert "SyncError" in message and "receiver 1" in message, message
+        assert seconds < timeout + 5
+    # A restarted receiver in a fresh group: the next push works.
+    again = run_group("broadcast", 1, 3)
+    assert all(again[r][0] == "ok" for r in range(3))
+    assert again[2][1]["s0.big"][2] == _bits(source_tensors(0)["s0.big"]).numpy().tobytes()
+
+
+# --- single-process pieces --------------------------------------------------------------------------
+def test_checksum_is_linear_so_summed_contributions_verify():
+    g = torch.Generator().manual_seed(0)
+    data = 4096
+    a = torch.zeros(data + trailer_bytes(2), dtype=torch.uint8)
+    b = torch.zeros_like(a)
+    a[:1024] = torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=g)
+    b[2048:data] = torch.randint(0, 256, (data - 2048,), dtype=torch.uint8, generator=g)
+    write_checksum(a, data, 0, 2)
+    write_checksum(b, data, 1, 2)
+    summed = (a.view(torch.int32) + b.view(torch.int32)).view(torch.uint8)  # what the reduce-scatter does
+    assert verify_chunk(summed, data, 2)
+    flipped = summed.clone()
+    flipped[100] ^= 1  # one flipped bit
+    assert not verify_chunk(flipped, data, 2)
+    words = summed[:data].clone().view(torch.int32)
+    words[:2] = torch.tensor([5, 9], dtype=torch.int32)
+    swapped = words.clone()
+    swapped[:2] = torch.tensor([9, 5], dtype=torch.int32)  # the same words, in the wrong places
+    assert checksum(words.view(torch.uint8)) != checksum(swapped.view(torch.uint8))
+
+
+def test_plans_cut_buckets_and_pack_round_trips():
+    tensors = source_tensors(0)
+    plan = plan_full({0: _metas(tensors)}, BUCKET)
+    big = next(b for b in plan if any(m.name == "s0.big" for m in b.layout(0)))
+    assert len(big.layout(0)) == 1 and big.chunk_bytes[0] >= 64 * 128 * 4  # alone, larger than a bucket
+    assert all(b.chunk_bytes[0] <= BUCKET for b in plan if b is not big)
+    assert all(m.offset % 64 == 0 for b in plan for m in b.layout(0))
+    for bucket in plan:
+        chunk = torch.full((bucket.chunk_bytes[0] + trailer_bytes(1),), 255, dtype=torch.uint8)
+        pack(chunk, bucket.chunk_bytes[0], bucket.layout(0), tensors)
+        for name, view in unpack(chunk, bucket.layout(0)):
+            assert torch.equal(_bits(view), _bits(tensors[name]))
+    first = torch.zeros(plan[0].chunk_bytes[0] + trailer_bytes(1), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="s0.fp32"):  # a tensor that does not match the plan is named
+        pack(first, plan[0].chunk_bytes[0], plan[0].layout(0), {"s0.fp32": torch.zeros(3)})
