@@ -9,7 +9,6 @@ import io
 from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Optional
 
-import ray
 import torch
 
 from checkpoint_engine.buckets import Bucket, TensorMeta
@@ -29,6 +28,8 @@ def ipc_handle(tensor: torch.Tensor) -> bytes:
 
 def engine_delivery(rollouts: list, timeout_s: float) -> Deliver:
     """Deliver a chunk to rollout engine actors: each loads it in place; the waiter waits for all."""
+    import ray  # here, not at module level: training processes outside Ray never pay for importing it
+
     def deliver(bucket: Bucket, layout: tuple[TensorMeta, ...], chunk: torch.Tensor) -> Callable[[], None]:
         handle = ipc_handle(chunk)
         tensors = [(m.name, m.dtype, m.shape, m.offset) for m in layout]
