@@ -4,7 +4,7 @@ A push moves tensors as flat `uint8` buckets with a manifest of `TensorMeta`s, s
 many tensors of mixed dtypes (and float8 passes gloo as bytes). Two plan shapes:
 - full: every receiver gets the same chunk (the whole tensors of one owner): broadcast and colocated;
 - sliced: receiver r gets only its slices (for example its tensor-parallel shard), laid out in its own
-  chunk; the sources' contributions are summed by a reduce-scatter (see `transports.py`).
+  chunk; the sources' contributions are summed by a reduce-scatter (see `transfer.py`).
 
 Every chunk ends with a trailer of one int64 checksum slot per source. A source writes the checksum of
 what it contributed into its own slot (zeros elsewhere), so after a broadcast or an integer-sum

@@ -90,7 +90,8 @@ class TransferMember:
             if self.source == bucket.owner:
                 chunk, data = self.slots[slot], bucket.chunk_bytes[0]
                 pack(chunk, data, bucket.layout(0), tensors)
-                write_checksum(chunk, data, self.source, self.num_sources)
+                if self.verify:
+                    write_checksum(chunk, data, self.source, self.num_sources)
             return
         send = self.send_slots[slot]
         offset = 0
@@ -100,7 +101,8 @@ class TransferMember:
                 chunk.zero_()  # receivers add nothing
             else:
                 pack(chunk, data, bucket.layout(r), tensors)
-                write_checksum(chunk, data, self.source, self.num_sources)
+                if self.verify:
+                    write_checksum(chunk, data, self.source, self.num_sources)
             offset += data + tail
 
     def _start(self, bucket: Bucket, slot: int):
