@@ -174,7 +174,8 @@ def unpack(chunk: torch.Tensor, layout: tuple[TensorMeta, ...]) -> list[tuple[st
     return [(m.name, m.view(chunk)) for m in layout]
 
 
-_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+_STEP = 1 << 22  # int32 words per checksum segment
+_WEIGHTS: dict[str, torch.Tensor] = {}  # per device: (1..._STEP) * K, sliced for shorter segments
 
 
 def checksum(data: torch.Tensor) -> int:
@@ -185,13 +186,12 @@ def checksum(data: torch.Tensor) -> int:
     """
     words = data.view(torch.int32)
     total = torch.zeros((), dtype=torch.int64, device=data.device)
-    step = 1 << 22
-    for start in range(0, words.numel(), step):
-        part = words[start:start + step].to(torch.int64)
-        key = (part.numel(), str(data.device))
-        weights = _WEIGHTS.get(key)
-        if weights is None:
-            weights = _WEIGHTS[key] = torch.arange(1, part.numel() + 1, dtype=torch.int64, device=data.device) * 2654435761
+    key = str(data.device)
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = torch.arange(1, _STEP + 1, dtype=torch.int64, device=data.device) * 2654435761
+    for start in range(0, words.numel(), _STEP):
+        part = words[start:start + _STEP].to(torch.int64)
+        weights = _WEIGHTS[key][:part.numel()]
         total += (part * weights).sum() + start * 2654435761 * part.sum()
     return int(total.item())
 

@@ -9,7 +9,6 @@ group down and names who failed; the next push sets it up again (a dead receiver
 """
 from __future__ import annotations
 
-import socket
 import time
 from typing import Optional
 
@@ -18,12 +17,8 @@ import ray
 from checkpoint_engine.buckets import Bucket, plan_full, plan_sliced
 from checkpoint_engine.group import SyncError
 from checkpoint_engine.receiver import WeightReceiver
+from rl.cluster import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -64,7 +59,7 @@ class CheckpointEngine:
     def setup(self) -> None:
         self.teardown()
         self.plan = self._make_plan()
-        common = dict(master_addr="127.0.0.1", master_port=_free_port(), device=self.device, timeout_s=self.timeout_s,
+        common = dict(master_addr="127.0.0.1", master_port=free_port(), device=self.device, timeout_s=self.timeout_s,
                       plan=self.plan, mode=self.transport, num_sources=len(self.trainers),
                       verify=self.verify_checksums)
         if self.transport == "colocated":

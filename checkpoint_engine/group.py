@@ -77,7 +77,7 @@ class SyncGroup:
         return SyncError(f"{what} failed ({who}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
     # --- collectives (each waits at most timeout_s) --------------------------------------------------
-    def _wait(self, work) -> None:
+    def wait(self, work) -> None:
         if not work.wait(timedelta(seconds=self.timeout_s)):
             raise TimeoutError(f"no completion within {self.timeout_s:g} s")
 
@@ -85,29 +85,21 @@ class SyncGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         work = self.pg.broadcast([tensor], opts)
-        return work if async_op else self._wait(work)
+        return work if async_op else self.wait(work)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], async_op: bool = False):
         """Sum `inputs[r]` over members into member r's `output` (sizes may differ between members)."""
         opts = dist.ReduceScatterOptions()
         opts.reduceOp = dist.ReduceOp.SUM
         work = self.pg.reduce_scatter([output], [inputs], opts)
-        return work if async_op else self._wait(work)
+        return work if async_op else self.wait(work)
 
     def all_reduce_max(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        self._wait(self.pg.allreduce([tensor], opts))
+        self.wait(self.pg.allreduce([tensor], opts))
         return int(tensor.item())
-
-    def wait(self, work) -> None:
-        self._wait(work)
-
-    def exchange(self, key: str, value: bytes) -> list[bytes]:
-        """Every member's `value` for `key`, through the store (small metadata only)."""
-        self.store.set(f"{key}/{self.rank}", value)
-        return [self.store.get(f"{key}/{r}") for r in range(self.world_size)]
 
     def close(self) -> None:
         self._beating = False

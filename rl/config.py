@@ -13,6 +13,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
+from checkpoint_engine.transfer import MODES as TRANSPORT_MODES
 from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
 
 
@@ -154,7 +155,7 @@ class Config:
 
 
 OBJECTIVES = ("kimi_k2",)
-SYNC_TRANSPORTS = ("broadcast", "reduce_scatter", "colocated")
+SYNC_TRANSPORTS = TRANSPORT_MODES
 TASKS = ("addition",)
 
 

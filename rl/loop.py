@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from transformers import AutoTokenizer
 from checkpoint_engine.engine import CheckpointEngine
 from rewards import exact_match
 from rl.algorithms import group_mean_advantages
-from rl.cluster import colocated_bundles, in_bundle, start_ray
+from rl.cluster import colocated_bundles, free_port, in_bundle, start_ray
 from rl.config import Config, trainer_layout
 from rl.metrics import MetricsLogger
 from rl.sample import Sample
@@ -25,11 +24,6 @@ from rollout.sglang_engine import RolloutEngine
 
 EVAL_STREAM_START = 1_000_000_000  # held-out prompts: far beyond any training step's range
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -47,7 +41,7 @@ class Engines:
         timeout = config.trainer.timeout_s
         pg = colocated_bundles(world, timeout)
         device = resolve_device(config.cluster.device)
-        port = _free_port()
+        port = free_port()
         t = config.trainer
         trainer_args = dict(
             world_size=world, master_addr="127.0.0.1", master_port=port, tensor_parallel_size=t.tensor_parallel_size,
