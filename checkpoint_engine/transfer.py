@@ -83,9 +83,16 @@ class TransferMember:
         return sum(s.numel() for s in self.slots + self.send_slots)
 
     # --- one bucket --------------------------------------------------------------------------------
+    def _send_chunks(self, bucket: Bucket, slot: int) -> list[torch.Tensor]:
+        """reduce_scatter: the views of this member's send slot, one per receiver (data + trailer)."""
+        tail, send, offset, chunks = trailer_bytes(self.num_sources), self.send_slots[slot], 0, []
+        for data in bucket.chunk_bytes:
+            chunks.append(send[offset:offset + data + tail])
+            offset += data + tail
+        return chunks
+
     def _fill(self, bucket: Bucket, slot: int, tensors: dict[str, torch.Tensor]) -> None:
         """Pack this source's contribution into the buffer the collective sends from."""
-        tail = trailer_bytes(self.num_sources)
         if self.mode != "reduce_scatter":
             if self.source == bucket.owner:
                 chunk, data = self.slots[slot], bucket.chunk_bytes[0]
@@ -93,34 +100,25 @@ class TransferMember:
                 if self.verify:
                     write_checksum(chunk, data, self.source, self.num_sources)
             return
-        send = self.send_slots[slot]
-        offset = 0
-        for r, data in enumerate(bucket.chunk_bytes):
-            chunk = send[offset:offset + data + tail]
+        for r, (chunk, data) in enumerate(zip(self._send_chunks(bucket, slot), bucket.chunk_bytes)):
             if self.source is None:
-                chunk.zero_()  # receivers add nothing
+                chunk.zero_()  # receivers add nothing (and gloo may use its inputs as scratch)
             else:
                 pack(chunk, data, bucket.layout(r), tensors)
                 if self.verify:
                     write_checksum(chunk, data, self.source, self.num_sources)
-            offset += data + tail
 
     def _start(self, bucket: Bucket, slot: int):
-        tail = trailer_bytes(self.num_sources)
         if self.mode == "colocated":
             return None
         if self.mode == "broadcast":
-            size = bucket.chunk_bytes[0] + tail
+            size = bucket.chunk_bytes[0] + trailer_bytes(self.num_sources)
             return self.group.broadcast(self.slots[slot][:size], src=bucket.owner, async_op=True)
-        sizes = [c + tail for c in bucket.chunk_bytes]
-        send = self.send_slots[slot]
-        inputs = [send[:0].view(torch.int32)] * self.num_sources  # members 0..S-1 (sources) receive nothing
-        offset = 0
-        for s in sizes:
-            inputs.append(send[offset:offset + s].view(torch.int32))
-            offset += s
-        own = 0 if self.receiver is None else sizes[self.receiver]
-        return self.group.reduce_scatter(self.slots[slot][:own].view(torch.int32), inputs, async_op=True)
+        chunks = [c.view(torch.int32) for c in self._send_chunks(bucket, slot)]
+        empty = self.send_slots[slot][:0].view(torch.int32)
+        own = self._chunk(bucket, slot)[0] if self.receiver is not None else self.slots[slot][:0]
+        # members 0..S-1 (the sources) receive nothing
+        return self.group.reduce_scatter(own.view(torch.int32), [empty] * self.num_sources + chunks, async_op=True)
 
     def _chunk(self, bucket: Bucket, slot: int) -> tuple[torch.Tensor, int]:
         data = bucket.chunk_bytes[0] if not bucket.sliced else bucket.chunk_bytes[self.receiver]
