@@ -12,8 +12,11 @@ Receivers deliver by copying each received tensor into their own preallocated co
 (`--deliver none` skips that), and after the warm-up push they check that copy against the source's
 tensors. Each configuration is timed with `verify=False` and again with `verify=True` (checksums
 computed by the source, checked by the receivers): one warm-up push, then the median of `--repeats`.
-The reference, in the same run and through the same gloo group, is one raw `SyncGroup.broadcast` of a
-single uint8 tensor of the payload's size (a warm-up, then the median of `--repeats`).
+The references, in the same run and through the same gloo group (a warm-up, then the median of
+`--repeats`): one raw `SyncGroup.broadcast` of a single uint8 tensor of the payload's size ("vs raw
+bcast", the issue's yardstick for both transports), and one raw `SyncGroup.reduce_scatter` of int64
+words in which each receiver gets 1/R of the payload, the reduce_scatter transport's own collective
+bare ("vs raw own": for broadcast the same as "vs raw bcast").
 
 Every timed call starts after a barrier, and its time is the slowest member's, so it ends when the
 last receiver has its data. Effective GB/s is payload bytes (1 GB = 1e9 B) / seconds for every row,
@@ -90,6 +93,15 @@ def _worker(rank, world, port, sizes, bucket_bytes, repeats, deliver_mode, out_d
     receiver = rank - NUM_SOURCES if rank >= NUM_SOURCES else None
     num_receivers = world - NUM_SOURCES
     barrier = lambda: group.all_reduce_max(0)  # noqa: E731
+
+    def timed(collective, into: list) -> None:
+        """A warm-up, then `repeats` timed calls, each after a barrier."""
+        for i in range(repeats + 1):
+            barrier()
+            start = time.perf_counter()
+            collective()
+            if i:
+                into.append(time.perf_counter() - start)
     results = []
     for index, payload in enumerate(sizes):
         specs = tensor_specs(payload, bucket_bytes)
@@ -101,13 +113,16 @@ def _worker(rank, world, port, sizes, bucket_bytes, repeats, deliver_mode, out_d
         raw = torch.zeros(payload, dtype=torch.uint8)
         if rank == 0:
             raw.random_(0, 256, generator=torch.Generator().manual_seed(index))
-        for i in range(repeats + 1):
-            barrier()
-            start = time.perf_counter()
-            group.broadcast(raw, src=0)
-            if i:
-                entry["raw"].append(time.perf_counter() - start)
+        timed(lambda: group.broadcast(raw, src=0), entry["raw"])
         del raw
+        # the same collective as the reduce_scatter transport, bare: each receiver gets 1/R of the bytes
+        words = payload // 8 // num_receivers
+        empty = torch.zeros(0, dtype=torch.int64)
+        inputs = [empty] * NUM_SOURCES + [torch.ones(words, dtype=torch.int64) for _ in range(num_receivers)]
+        output = torch.zeros(words, dtype=torch.int64) if receiver is not None else empty
+        entry["raw_reduce_scatter"] = []
+        timed(lambda: group.reduce_scatter(output, inputs), entry["raw_reduce_scatter"])
+        del inputs, output
 
         for mode in TRANSPORTS:
             if mode == "broadcast":
@@ -164,9 +179,12 @@ def aggregate(per_rank: list[list[dict]], repeats: int) -> list[dict]:
     for entries in zip(*per_rank):
         payload = entries[0]["payload_bytes"]
         raw = statistics.median(max(e["raw"][i] for e in entries) for i in range(repeats))
+        raw_rs = statistics.median(max(e["raw_reduce_scatter"][i] for e in entries) for i in range(repeats))
+        own_raw = {"broadcast": raw, "reduce_scatter": raw_rs}
         out = {"payload_mib": payload / MiB, "payload_bytes": payload, "tensors": entries[0]["tensors"],
                "raw_broadcast": {"seconds": raw, "gbps": payload / raw / 1e9,
                                  "repeats": [max(e["raw"][i] for e in entries) for i in range(repeats)]},
+               "raw_reduce_scatter": {"seconds": raw_rs, "gbps": payload / raw_rs / 1e9},
                "transports": {}}
         for mode in entries[0]["transports"]:
             modes = [e["transports"][mode] for e in entries]
@@ -178,6 +196,7 @@ def aggregate(per_rank: list[list[dict]], repeats: int) -> list[dict]:
                 stages = {s: statistics.median(max(p[i].get(f"{s}_seconds", 0.0) for p in pushes)
                                                for i in range(repeats)) for s in STAGES}
                 t[run] = {"seconds": seconds, "gbps": payload / seconds / 1e9, "vs_raw": raw / seconds,
+                          "vs_own_collective": own_raw[mode] / seconds,
                           "repeats": slowest, "stage_seconds": stages,
                           "bytes_received_per_receiver": [p[0]["bytes_received"] for p in pushes[NUM_SOURCES:]]}
             out["transports"][mode] = t
@@ -186,18 +205,21 @@ def aggregate(per_rank: list[list[dict]], repeats: int) -> list[dict]:
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    header = ["MiB", "transport", "buckets", "s", "GB/s", "vs raw", "s (checksums)", "pack s", "transfer s", "load s"]
+    header = ["MiB", "transport", "buckets", "s", "GB/s", "vs raw bcast", "vs raw own", "s (checksums)",
+              "pack s", "transfer s", "load s"]
     lines = []
     for row in rows:
-        raw = row["raw_broadcast"]
+        raw, raw_rs = row["raw_broadcast"], row["raw_reduce_scatter"]
         lines.append([f"{row['payload_mib']:g}", "raw broadcast", "1", f"{raw['seconds']:.4f}", f"{raw['gbps']:.2f}",
-                      "1.00", "", "", "", ""])
+                      "1.00", "1.00", "", "", "", ""])
+        lines.append(["", "raw reduce_scatter", "1", f"{raw_rs['seconds']:.4f}", f"{raw_rs['gbps']:.2f}",
+                      f"{raw['seconds'] / raw_rs['seconds']:.2f}", "1.00", "", "", "", ""])
         for mode, t in row["transports"].items():
             plain, checked = t["plain"], t["verify"]
             st = plain["stage_seconds"]
             lines.append(["", mode, str(t["buckets"]), f"{plain['seconds']:.4f}", f"{plain['gbps']:.2f}",
-                          f"{plain['vs_raw']:.2f}", f"{checked['seconds']:.4f}", f"{st['pack']:.4f}",
-                          f"{st['transfer']:.4f}", f"{st['load']:.4f}"])
+                          f"{plain['vs_raw']:.2f}", f"{plain['vs_own_collective']:.2f}", f"{checked['seconds']:.4f}",
+                          f"{st['pack']:.4f}", f"{st['transfer']:.4f}", f"{st['load']:.4f}"])
     try:
         from rich.console import Console
         from rich.table import Table

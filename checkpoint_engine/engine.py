@@ -105,6 +105,7 @@ class CheckpointEngine:
         if self.plan is None:
             self.setup()
         ray.get([r.begin_update.remote() for r in self.rollouts], timeout=self.timeout_s)
+        begun = time.perf_counter()
         done = False
         try:
             refs = [t.weight_sync_push.remote(version) for t in self.trainers]
@@ -115,8 +116,10 @@ class CheckpointEngine:
             self.teardown()  # the next push builds a fresh group (and replaces dead receivers)
             raise
         finally:
+            pushed = time.perf_counter()
             ray.get([r.end_update.remote(version if done else None) for r in self.rollouts], timeout=self.timeout_s)
-        seconds = time.perf_counter() - start
+        finished = time.perf_counter()
+        seconds = finished - start
         sources, receivers = results[:len(self.trainers)], results[len(self.trainers):] or results
         metrics = {
             "sync_seconds": seconds,
@@ -127,6 +130,10 @@ class CheckpointEngine:
             "sync_pack_seconds": max(r.get("pack_seconds", 0.0) for r in sources),
             "sync_transfer_seconds": max(r.get("transfer_seconds", 0.0) for r in results),
             "sync_load_seconds": max(r.get("load_seconds", 0.0) for r in receivers),
+            # around the members' pushes: opening and closing the engines' update sessions
+            "sync_begin_seconds": begun - start,
+            "sync_members_seconds": pushed - begun,
+            "sync_end_seconds": finished - pushed,
         }
         if self.verify_full:
             metrics["sync_verify_seconds"] = self.verify()

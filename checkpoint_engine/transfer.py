@@ -15,8 +15,11 @@ Transports (`mode`):
 - "colocated": no collective and no group; the owner of a bucket delivers it from its own slot to the
   engines beside it (shared memory on CPU, CUDA IPC on GPU). Every source is its own receiver.
 
-After each bucket the members all-reduce a status word, so a checksum mismatch anywhere, or a member
-that died, fails the push on every member, naming the bucket and who failed.
+A receiver whose chunk fails its checksum does not deliver it and remembers the bucket; at the end of
+the push the members all-reduce one status word, so a mismatch anywhere fails the push on every member,
+naming the bucket, its tensors and the receiver. (Once per push, not per bucket: a per-bucket
+all-reduce queues behind the next bucket's collective and would serialise packing with transfer.) A
+member that dies fails the collective in flight, within the timeout, on every survivor.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from checkpoint_engine.buckets import Bucket, TensorMeta, pack, trailer_bytes, v
 from checkpoint_engine.group import SyncError, SyncGroup
 
 MODES = ("broadcast", "reduce_scatter", "colocated")
+STATUS_SHIFT = 24  # the status word: (failed bucket index + 1) << STATUS_SHIFT | (failed member rank + 1)
 
 Produce = Callable[[Bucket], dict[str, torch.Tensor]]
 # Hands a received chunk to the engine; may return a callable that waits until the engine is done
@@ -114,11 +118,11 @@ class TransferMember:
         if self.mode == "broadcast":
             size = bucket.chunk_bytes[0] + trailer_bytes(self.num_sources)
             return self.group.broadcast(self.slots[slot][:size], src=bucket.owner, async_op=True)
-        chunks = [c.view(torch.int32) for c in self._send_chunks(bucket, slot)]
-        empty = self.send_slots[slot][:0].view(torch.int32)
+        chunks = [c.view(torch.int64) for c in self._send_chunks(bucket, slot)]
+        empty = self.send_slots[slot][:0].view(torch.int64)
         own = self._chunk(bucket, slot)[0] if self.receiver is not None else self.slots[slot][:0]
         # members 0..S-1 (the sources) receive nothing
-        return self.group.reduce_scatter(own.view(torch.int32), [empty] * self.num_sources + chunks, async_op=True)
+        return self.group.reduce_scatter(own.view(torch.int64), [empty] * self.num_sources + chunks, async_op=True)
 
     def _chunk(self, bucket: Bucket, slot: int) -> tuple[torch.Tensor, int]:
         data = bucket.chunk_bytes[0] if not bucket.sliced else bucket.chunk_bytes[self.receiver]
@@ -134,22 +138,31 @@ class TransferMember:
             self.group.wait(work)
         t1 = time.perf_counter()
         times["transfer"] += t1 - t0
-        status, waiter = 0, None
+        status, waiter = 0, None  # status: this member's rank + 1 on a checksum mismatch
         if self._delivers(bucket):
             chunk, data = self._chunk(bucket, slot)
             if self.verify and self.mode != "colocated" and not verify_chunk(chunk, data, self.num_sources):
                 status = self.rank + 1
             elif deliver is not None:
                 waiter = deliver(bucket, bucket.layout(self.receiver or 0), chunk)
-        t2 = time.perf_counter()
-        times["load"] += t2 - t1
-        if self.group is not None:
-            failed = self.group.all_reduce_max(status)
-            times["transfer"] += time.perf_counter() - t2
-            if failed:
-                raise SyncError(f"weight push v{version}: bucket {bucket.index} checksum mismatch on "
-                                f"{self.group.member_names[failed - 1]} (tensors {bucket.names()[:4]}...)")
+        times["load"] += time.perf_counter() - t1
+        if status and not self._status:
+            self._status = (bucket.index + 1) << STATUS_SHIFT | status
         return waiter
+
+    def _agree(self, version: int, times: dict) -> None:
+        """One status all-reduce after the last bucket: every member fails if any receiver saw a
+        checksum mismatch, and the error names the first bucket it saw fail."""
+        if self.group is None:
+            return
+        t = time.perf_counter()
+        failed = self.group.all_reduce_max(self._status)
+        times["transfer"] += time.perf_counter() - t
+        if failed:
+            bucket, member = self.plan[(failed >> STATUS_SHIFT) - 1], (failed & ((1 << STATUS_SHIFT) - 1)) - 1
+            raise SyncError(f"weight push v{version}: bucket {bucket.index} checksum mismatch on "
+                            f"{self.group.member_names[member]} (tensors {', '.join(bucket.names()[:4])}"
+                            f"{', ...' if len(bucket.names()) > 4 else ''})")
 
     # --- the push ----------------------------------------------------------------------------------
     def push(self, version: int, produce: Optional[Produce] = None, deliver: Optional[Deliver] = None) -> dict:
@@ -157,7 +170,7 @@ class TransferMember:
         receivers `deliver` (hand a received chunk to the engine). Returns seconds per stage and bytes."""
         times: dict[str, float] = defaultdict(float)
         start = time.perf_counter()
-        pending = None
+        pending, self._status = None, 0
         waiters: list = [None, None]  # per slot: the engine still reading it
 
         def free(slot: int) -> None:
@@ -186,6 +199,7 @@ class TransferMember:
                 waiters[pending[1]] = self._finish(*pending, deliver, times, version)
             free(0)
             free(1)
+            self._agree(version, times)
         except SyncError:
             raise
         except Exception as exc:

@@ -5,9 +5,7 @@ logprobs, so nothing is re-tokenised. Every sample is stamped with the engine's 
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from typing import Optional
 
@@ -33,11 +31,13 @@ class RolloutEngine:
                  seed: int = 0, release_memory_during_train: bool = False):
         self.device = resolve_device(device)
         kwargs: dict = {}
+        loaders = list(sglang_loader.LOADERS)
         if self.device == "cpu":
             from rollout import sglang_cpu
 
             sglang_cpu.apply()
             kwargs.update(sglang_cpu.engine_kwargs(tensor_parallel_size))
+            loaders += sglang_cpu.LOADERS
         else:
             kwargs.update(mem_fraction_static=mem_fraction_static, enable_memory_saver=release_memory_during_train)
         _export_repo_to_workers()
@@ -45,7 +45,9 @@ class RolloutEngine:
 
         self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
                                     max_total_tokens=max_total_tokens, random_seed=seed, log_level="error",
-                                    custom_weight_loader=sglang_loader.LOADERS, **kwargs)
+                                    custom_weight_loader=loaders, **kwargs)
+        # CPU: objects each scheduler process keeps from start-up, now out of the collector's reach
+        self.frozen_objects = sglang_cpu.after_start(self.engine) if self.device == "cpu" else []
         self.tokenizer = self.engine.tokenizer_manager.tokenizer
         self.weight_version = 0
         self.can_release_memory = self.device != "cpu" and release_memory_during_train
@@ -90,19 +92,7 @@ class RolloutEngine:
 
     def verify_weights(self, named_tensors: dict[str, torch.Tensor]) -> list[str]:
         """Names of the engine's parameters that differ from what `named_tensors` load to (empty: equal)."""
-        with tempfile.TemporaryDirectory() as report_dir:
-            payload = [*named_tensors.items(), (sglang_loader.REPORT_KEY, sglang_loader.encode_report_path(report_dir))]
-            self.engine.begin_weight_update()
-            try:
-                ok, message = self.engine.update_weights_from_tensor(
-                    payload, load_format=sglang_loader.VERIFY_WEIGHTS, flush_cache=False)
-            finally:
-                self.engine.end_weight_update()
-            if not ok:
-                raise RuntimeError(f"SGLang weight check failed to run: {message}")
-            reports = [json.load(open(os.path.join(report_dir, f))) for f in sorted(os.listdir(report_dir))]
-        if not reports:
-            raise RuntimeError("SGLang weight check wrote no report")
+        reports = sglang_loader.run_reporting(self.engine, list(named_tensors.items()), sglang_loader.VERIFY_WEIGHTS)
         return sorted({name for report in reports for name in report})
 
     def release_memory(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import tempfile
 
 import torch
 
@@ -59,15 +60,39 @@ def encode_report_path(path: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(path.encode()), dtype=torch.uint8)
 
 
+def write_report(named_tensors: dict[str, torch.Tensor], report) -> None:
+    """In a worker: write `report` (JSON) where the caller of `run_reporting` reads it."""
+    report_dir = bytes(named_tensors.pop(REPORT_KEY).cpu().numpy()).decode()
+    with open(os.path.join(report_dir, f"{os.getpid()}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def run_reporting(engine, named_tensors: list[tuple[str, torch.Tensor]], load_format: str) -> list:
+    """Run the custom loader `load_format` in every worker of an SGLang `engine`, inside a weight-update
+    session, and return each worker's report (loaders report through files: raising would kill the
+    worker)."""
+    with tempfile.TemporaryDirectory() as report_dir:
+        payload = [*named_tensors, (REPORT_KEY, encode_report_path(report_dir))]
+        engine.begin_weight_update()
+        try:
+            ok, message = engine.update_weights_from_tensor(payload, load_format=load_format, flush_cache=False)
+        finally:
+            engine.end_weight_update()
+        if not ok:
+            raise RuntimeError(f"SGLang could not run {load_format}: {message}")
+        reports = [json.load(open(os.path.join(report_dir, f))) for f in sorted(os.listdir(report_dir))]
+    if not reports:
+        raise RuntimeError(f"SGLang ran {load_format} but no worker reported")
+    return reports
+
+
 def verify_weights(model, named_tensors) -> None:
     """Reload the given tensors and write the names of parameters that changed to the report directory.
 
     A loader that raises would take SGLang's worker down, so the result goes to a file per worker.
     """
     tensors = dict(named_tensors)
-    report_dir = bytes(tensors.pop(REPORT_KEY).cpu().numpy()).decode()
+    report = {REPORT_KEY: tensors.pop(REPORT_KEY)}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.load_weights(list(tensors.items()))
-    changed = [n for n, p in model.named_parameters() if not torch.equal(_bytes(p.detach()), _bytes(before[n]))]
-    with open(os.path.join(report_dir, f"{os.getpid()}.json"), "w") as f:
-        json.dump(changed, f)
+    write_report(report, [n for n, p in model.named_parameters() if not torch.equal(_bytes(p.detach()), _bytes(before[n]))])

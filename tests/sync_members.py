@@ -39,8 +39,9 @@ def make_plan(mode: str, sources: int, receivers: int):
     return plan_sliced([m for s in range(sources) for m in owned[s]], rows, receivers, BUCKET)
 
 
-def member(rank, world, sources, mode, port, results, die_at_bucket=None, timeout=10.0):
-    """One process of the sync group. Receivers record what they were delivered."""
+def member(rank, world, sources, mode, port, results, die_at_bucket=None, timeout=10.0, corrupt_at_bucket=None):
+    """One process of the sync group. Receivers record what they were delivered. With
+    `corrupt_at_bucket`, sources flip a bit of that bucket after writing its checksum."""
     from checkpoint_engine.group import SyncGroup
     from checkpoint_engine.transfer import TransferMember
 
@@ -59,7 +60,16 @@ def member(rank, world, sources, mode, port, results, die_at_bucket=None, timeou
 
         start = time.monotonic()
         try:
-            stats = TransferMember(group, plan, mode, sources).push(1, produce=lambda b: mine, deliver=deliver)
+            transfer = TransferMember(group, plan, mode, sources)
+            if corrupt_at_bucket is not None and rank < sources:
+                fill = transfer._fill
+
+                def corrupting_fill(bucket, slot, tensors):
+                    fill(bucket, slot, tensors)
+                    if bucket.index == corrupt_at_bucket:  # a bit flipped in transit
+                        (transfer.slots if mode == "broadcast" else transfer.send_slots)[slot][0] ^= 1
+                transfer._fill = corrupting_fill
+            stats = transfer.push(1, produce=lambda b: mine, deliver=deliver)
             results.put((rank, "ok", got, stats))
         except Exception as exc:
             results.put((rank, "error", f"{type(exc).__name__}: {exc}", time.monotonic() - start))

@@ -10,11 +10,11 @@ from checkpoint_engine.buckets import (checksum, dtype_name, pack, plan_full, tr
 from tests.conftest import pick_port
 from tests.sync_members import BUCKET, _bits, _metas, make_plan, member, source_tensors
 
-def run_group(mode, sources, world, die_at_bucket=None, die_rank=None, timeout=10.0):
+def run_group(mode, sources, world, die_at_bucket=None, die_rank=None, timeout=10.0, corrupt_at_bucket=None):
     ctx = mp.get_context("spawn")
     results, port = ctx.Queue(), pick_port()
     procs = [ctx.Process(target=member, args=(r, world, sources, mode, port, results,
-                                             die_at_bucket if r == die_rank else None, timeout))
+                                             die_at_bucket if r == die_rank else None, timeout, corrupt_at_bucket))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -72,6 +72,16 @@ def test_receiver_killed_mid_push_fails_every_survivor_naming_it_within_the_time
     assert again[2][1]["s0.big"][2] == _bits(source_tensors(0)["s0.big"]).numpy().tobytes()
 
 
+@pytest.mark.parametrize("mode", ["broadcast", "reduce_scatter"])
+def test_a_chunk_corrupted_after_its_checksum_fails_every_member_naming_the_bucket(mode):
+    plan = make_plan(mode, 1, 2)
+    out = run_group(mode, 1, 3, corrupt_at_bucket=1)
+    for rank in range(3):
+        status, message, _ = out[rank]
+        assert status == "error", message
+        assert "bucket 1 checksum mismatch on receiver" in message and plan[1].names()[0] in message, message
+
+
 # --- single-process pieces --------------------------------------------------------------------------
 def test_checksum_is_linear_so_summed_contributions_verify():
     g = torch.Generator().manual_seed(0)
@@ -82,16 +92,28 @@ def test_checksum_is_linear_so_summed_contributions_verify():
     b[2048:data] = torch.randint(0, 256, (data - 2048,), dtype=torch.uint8, generator=g)
     write_checksum(a, data, 0, 2)
     write_checksum(b, data, 1, 2)
-    summed = (a.view(torch.int32) + b.view(torch.int32)).view(torch.uint8)  # what the reduce-scatter does
+    summed = (a.view(torch.int64) + b.view(torch.int64)).view(torch.uint8)  # what the reduce-scatter does
     assert verify_chunk(summed, data, 2)
     flipped = summed.clone()
     flipped[100] ^= 1  # one flipped bit
     assert not verify_chunk(flipped, data, 2)
-    words = summed[:data].clone().view(torch.int32)
-    words[:2] = torch.tensor([5, 9], dtype=torch.int32)
+    top = summed.clone()
+    top[15] ^= 0x80  # the sign bit of word 1: 2^63 times an even weight would vanish mod 2^64; weights are odd
+    assert not verify_chunk(top, data, 2)
+    words = summed[:data].clone().view(torch.int64)
+    words[:2] = torch.tensor([5, 9], dtype=torch.int64)
     swapped = words.clone()
-    swapped[:2] = torch.tensor([9, 5], dtype=torch.int32)  # the same words, in the wrong places
+    swapped[:2] = torch.tensor([9, 5], dtype=torch.int64)  # the same words, in the wrong places
     assert checksum(words.view(torch.uint8)) != checksum(swapped.view(torch.uint8))
+
+
+@pytest.mark.parametrize("words", [8, 64, 64 * 3 + 40])
+def test_checksum_equals_the_position_weighted_sum_written_out(words):
+    """The row/column-sum evaluation against sum_p (2p + 1) * x_p computed with Python integers."""
+    g = torch.Generator().manual_seed(words)
+    data = torch.randint(0, 256, (8 * words,), dtype=torch.uint8, generator=g)
+    values = [int.from_bytes(bytes(data[8 * p:8 * p + 8].tolist()), "little", signed=True) for p in range(words)]
+    assert checksum(data) == sum((2 * p + 1) * x for p, x in enumerate(values)) % (1 << 64)
 
 
 def test_plans_cut_buckets_and_pack_round_trips():
