@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rl.algorithms import group_mean_advantages  # noqa: E402
+from rl.advantages import group_advantages  # noqa: E402
 from rl.sample import Sample  # noqa: E402
 
 LAYOUTS = {
@@ -45,7 +45,7 @@ def batch(groups: int, k: int, prompt_len: int, response_len: int, vocab: int) -
             response = torch.randint(2, vocab, (response_len - i % 4,), generator=g).tolist()
             samples.append(Sample(group_id=group, prompt="", prompt_ids=prompt, reference="",
                                   response_ids=response, reward=float(i % 2)))
-    group_mean_advantages(samples)
+    group_advantages(samples)
     for s in samples:
         s.old_logprobs = [0.0] * len(s.response_ids)
     return samples

@@ -14,7 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from checkpoint_engine.transfer import MODES as TRANSPORT_MODES
+from rl.objectives import AGGREGATIONS, OBJECTIVES, OLD_POLICIES, SEQUENCE_LEVEL, ObjectiveSettings
 from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
+from rl.temperature import SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -63,7 +65,10 @@ class RolloutConfig:
     samples_per_prompt: int = 8  # K in the Kimi objective
     prompts_per_step: int = 64
     max_new_tokens: int = 8
-    temperature: float = 1.0
+    temperature: float = 1.0  # the sampling temperature; with temperature_end, the schedule's start
+    temperature_end: Optional[float] = None  # None: constant temperature (K2's decay values are undisclosed)
+    temperature_schedule: str = "linear"  # linear | cosine | exponential (rl/temperature.py)
+    temperature_decay_steps: Optional[int] = None  # steps to reach temperature_end; None: the whole run
     max_total_tokens: int = 8192  # SGLang KV-cache cap; its default pre-allocates GBs on CPU
     tensor_parallel_size: int = 1
     mem_fraction_static: float = 0.3  # share of the (colocated) GPU SGLang may take; unused on CPU
@@ -73,11 +78,21 @@ class RolloutConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    objective: str = "kimi_k2"
-    tau: float = 0.01  # the Kimi regulariser weight (undisclosed by Moonshot; ours)
+class AlgorithmConfig(ObjectiveSettings):
+    """The policy objective (fields of rl.objectives.ObjectiveSettings: objective, tau, ratio_low,
+    ratio_high, mask_tau, old_policy, clip_low, clip_high, gspo_clip_low, gspo_clip_high, tis_cap,
+    loss_aggregation) and how each iteration's rollouts become updates."""
+    normalize_advantages: Optional[bool] = None  # divide by the group's reward std; None: for grpo only
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill,
+    # up to `max_sampling_rounds` generation rounds per step.
+    filter_uniform_groups: bool = False
+    max_sampling_rounds: int = 3
     updates_per_step: int = 1  # gradient steps per RL iteration (mini-batches over the rollout)
     reset_optimizer_each_step: bool = False  # K1.5 resets the optimizer every iteration
+
+    @property
+    def std_normalized(self) -> bool:
+        return self.objective == "grpo" if self.normalize_advantages is None else self.normalize_advantages
 
 
 @dataclass
@@ -154,7 +169,6 @@ class Config:
     seed: int = 0
 
 
-OBJECTIVES = ("kimi_k2",)
 SYNC_TRANSPORTS = TRANSPORT_MODES
 TASKS = ("addition",)
 
@@ -212,6 +226,12 @@ def validate(c: Config) -> None:
     _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1", r.prompts_per_step)
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
     _require(r.temperature > 0, "rollout.temperature", "must be > 0", r.temperature)
+    _require(r.temperature_end is None or r.temperature_end > 0, "rollout.temperature_end", "must be > 0 or null",
+             r.temperature_end)
+    _require(r.temperature_schedule in SCHEDULES, "rollout.temperature_schedule", f"must be one of {SCHEDULES}",
+             r.temperature_schedule)
+    _require(r.temperature_decay_steps is None or r.temperature_decay_steps >= 1, "rollout.temperature_decay_steps",
+             "must be >= 1 or null", r.temperature_decay_steps)
     _require(r.max_total_tokens >= r.max_new_tokens, "rollout.max_total_tokens",
              "must be >= rollout.max_new_tokens", r.max_total_tokens)
     _require(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)", r.mem_fraction_static)
@@ -219,6 +239,23 @@ def validate(c: Config) -> None:
     a = c.algorithm
     _require(a.objective in OBJECTIVES, "algorithm.objective", f"must be one of {OBJECTIVES}", a.objective)
     _require(a.tau >= 0, "algorithm.tau", "must be >= 0", a.tau)
+    _require(a.ratio_low > 0, "algorithm.ratio_low", "must be > 0 (kimi_k25's alpha bounds the ratio)", a.ratio_low)
+    _require(a.ratio_low < a.ratio_high, "algorithm.ratio_low",
+             f"must be < algorithm.ratio_high ({a.ratio_high}) (alpha < beta)", a.ratio_low)
+    _require(a.old_policy in OLD_POLICIES, "algorithm.old_policy", f"must be one of {OLD_POLICIES}", a.old_policy)
+    for name in ("clip_low", "clip_high", "gspo_clip_low", "gspo_clip_high"):
+        _require(getattr(a, name) >= 0, f"algorithm.{name}", "must be >= 0", getattr(a, name))
+    _require(a.clip_low < 1, "algorithm.clip_low", "must be < 1", a.clip_low)
+    _require(a.gspo_clip_low < 1, "algorithm.gspo_clip_low", "must be < 1", a.gspo_clip_low)
+    _require(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap", "must be > 0 or null", a.tis_cap)
+    _require(a.tis_cap is None or a.objective not in SEQUENCE_LEVEL, "algorithm.tis_cap",
+             f"applies to token-level objectives only, not {a.objective}", a.tis_cap)
+    _require(a.loss_aggregation is None or a.loss_aggregation in AGGREGATIONS, "algorithm.loss_aggregation",
+             f"must be one of {AGGREGATIONS} or null", a.loss_aggregation)
+    _require(a.objective not in SEQUENCE_LEVEL or a.aggregation in ("group_mean", "sample_mean"),
+             "algorithm.loss_aggregation", f"{a.objective} is sequence level: group_mean or sample_mean",
+             a.loss_aggregation)
+    _require(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1", a.max_sampling_rounds)
     _require(a.updates_per_step >= 1, "algorithm.updates_per_step", "must be >= 1", a.updates_per_step)
     _require(r.prompts_per_step % a.updates_per_step == 0, "algorithm.updates_per_step",
              "must divide rollout.prompts_per_step", a.updates_per_step)

@@ -11,12 +11,13 @@ from transformers import AutoTokenizer
 
 from checkpoint_engine.engine import CheckpointEngine
 from rewards import exact_match
-from rl.algorithms import group_mean_advantages
+from rl.advantages import group_advantages, uniform_groups
 from rl.cluster import colocated_bundles, free_port, in_bundle, start_ray
 from rl.config import Config, trainer_layout
 from rl.metrics import MetricsLogger
 from rl.sample import Sample
 from rl.tasks import AdditionTask
+from rl.temperature import temperature_at
 from rl.training_engine import TrainingEngine, resolve_device
 from rl.warm_start import demo_model_path
 from rollout.sglang_engine import RolloutEngine
@@ -91,6 +92,7 @@ class RLLoop:
         self.task = AdditionTask(config.task.digits, config.task.seed, config.task.reverse_answer)
         self.weight_version = 0  # the engines start from the same checkpoint: version 0
         self.step_index = 0
+        self.next_prompt = 0  # position in the task's prompt stream (dynamic sampling reads ahead)
 
     def _call_trainers(self, method: str, *args, **kwargs):
         """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
@@ -102,9 +104,14 @@ class RLLoop:
         return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference)
                 for i, p in enumerate(problems) for _ in range(samples_per_prompt)]
 
-    def _generate(self, samples: list[Sample]) -> list[Sample]:
+    def temperature(self) -> float:
+        """This step's sampling temperature (rl/temperature.py)."""
         r = self.config.rollout
-        return ray.get(self.engines.rollout.generate.remote(samples, r.max_new_tokens, r.temperature),
+        return temperature_at(self.step_index, r.temperature, r.temperature_end, r.temperature_schedule,
+                              r.temperature_decay_steps or self.config.steps)
+
+    def _generate(self, samples: list[Sample], temperature: float) -> list[Sample]:
+        return ray.get(self.engines.rollout.generate.remote(samples, self.config.rollout.max_new_tokens, temperature),
                        timeout=self.config.trainer.timeout_s)
 
     @staticmethod
@@ -114,33 +121,60 @@ class RLLoop:
 
     def evaluate(self) -> float:
         """Accuracy on held-out prompts (a range of the task stream training never reaches), one sample each."""
-        samples = self._generate(self.make_samples(EVAL_STREAM_START, self.config.eval.prompts, 1))
+        samples = self._generate(self.make_samples(EVAL_STREAM_START, self.config.eval.prompts, 1), self.temperature())
         self._score(samples)
         return sum(float(s.reward) for s in samples) / len(samples)
+
+    def rollout(self, temperature: float) -> tuple[list[Sample], dict[str, float]]:
+        """Generate, score and compute advantages for `prompts_per_step` groups. With dynamic sampling,
+        groups whose rewards are all equal are dropped and further prompts generated to refill, for at
+        most `max_sampling_rounds` rounds (if none is informative, the last round's groups are kept)."""
+        r, a = self.config.rollout, self.config.algorithm
+        kept: list[Sample] = []
+        rounds = dropped = 0
+        scoring = 0.0
+        while rounds < (a.max_sampling_rounds if a.filter_uniform_groups else 1):
+            needed = r.prompts_per_step - len({s.group_id for s in kept})
+            if needed <= 0:
+                break
+            batch = self.make_samples(self.next_prompt, needed, r.samples_per_prompt)
+            for s in batch:
+                s.group_id += self.next_prompt  # unique over rounds
+            self.next_prompt += needed
+            rounds += 1
+            batch = self._generate(batch, temperature)
+            start = time.perf_counter()
+            self._score(batch)
+            scoring += time.perf_counter() - start
+            uniform = uniform_groups(batch) if a.filter_uniform_groups else set()
+            dropped += len(uniform)
+            kept += [s for s in batch if s.group_id not in uniform]
+        if not kept:
+            kept = batch
+        group_advantages(kept, normalize_std=a.std_normalized)
+        return kept, {"sampling_rounds": float(rounds), "groups_dropped": float(dropped),
+                      "groups_trained": float(len({s.group_id for s in kept})), "reward_seconds": scoring}
 
     def step(self) -> dict[str, float]:
         c, timeout = self.config, self.config.trainer.timeout_s
         step_start = time.perf_counter()
-        r = c.rollout
-        samples = self.make_samples(self.step_index * r.prompts_per_step, r.prompts_per_step, r.samples_per_prompt)
+        temperature = self.temperature()
 
         t0 = time.perf_counter()
-        samples = self._generate(samples)
+        samples, sampling = self.rollout(temperature)
         t1 = time.perf_counter()
-        self._score(samples)
-        group_mean_advantages(samples)
-        t2 = time.perf_counter()
 
         ray.get(self.engines.rollout.release_memory.remote(), timeout=timeout)
-        old = self._call_trainers("compute_logprobs", samples, c.rollout.temperature)
+        old = self._call_trainers("compute_logprobs", samples, temperature)
         mismatch = 0.0
         for s, lp in zip(samples, old):
             s.old_logprobs = lp
             mismatch = max([mismatch, *(abs(a - b) for a, b in zip(lp, s.rollout_logprobs))])
         if c.algorithm.reset_optimizer_each_step:
             self._call_trainers("reset_optimizer_state")
-        train = self._call_trainers("train_step", samples, c.algorithm.tau, c.rollout.temperature,
-                                    c.algorithm.updates_per_step)
+        groups = len({s.group_id for s in samples})
+        train = self._call_trainers("train_step", samples, c.algorithm, temperature,
+                                    min(c.algorithm.updates_per_step, groups))
         t3 = time.perf_counter()
 
         ray.get(self.engines.rollout.resume_memory.remote(), timeout=timeout)
@@ -159,9 +193,10 @@ class RLLoop:
             "logprob_mismatch_max": mismatch,
             "sample_weight_version": min(s.weight_version for s in samples),
             "weight_version": self.weight_version,
-            "rollout_seconds": t1 - t0,
-            "reward_seconds": t2 - t1,
-            "train_seconds": t3 - t2,
+            "temperature": temperature,
+            **sampling,
+            "rollout_seconds": t1 - t0 - sampling["reward_seconds"],  # every round's generation
+            "train_seconds": t3 - t1,
             **sync,
             "sync_seconds": t4 - t3,
             "step_seconds": t4 - step_start,

@@ -20,7 +20,8 @@ class MicroBatch:
     """Right-padded tensors; per-token fields are aligned to next-token targets (width - 1)."""
     tokens: torch.Tensor  # [rows, width] token ids
     loss_mask: torch.Tensor  # [rows, width - 1], 1 on response tokens
-    old_logprobs: torch.Tensor  # [rows, width - 1]
+    old_logprobs: torch.Tensor  # [rows, width - 1] the trainer's, under pi_old
+    rollout_logprobs: torch.Tensor  # [rows, width - 1] the rollout engine's, for the same tokens
     advantages: torch.Tensor  # [rows]
     weights: torch.Tensor  # [rows] the sample's weight in the minibatch loss (0 for padding rows)
     index: torch.Tensor  # [rows] the sample's position in the minibatch (-1 for padding rows)
@@ -61,8 +62,8 @@ def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], 
 def _pack(part: list[Sample], index: list[int], weights: Optional[torch.Tensor], rows: int, width: int) -> MicroBatch:
     tokens = torch.zeros(rows, width, dtype=torch.long)
     loss_mask = torch.zeros(rows, width - 1)
-    old = torch.zeros(rows, width - 1)
-    batch = MicroBatch(tokens, loss_mask, old, advantages=torch.zeros(rows), weights=torch.zeros(rows),
+    old, rollout = torch.zeros(rows, width - 1), torch.zeros(rows, width - 1)
+    batch = MicroBatch(tokens, loss_mask, old, rollout, advantages=torch.zeros(rows), weights=torch.zeros(rows),
                        index=torch.full((rows,), -1, dtype=torch.long))
     for row, (s, i) in enumerate(zip(part, index)):
         tokens[row, : len(s.tokens)] = torch.tensor(s.tokens)
@@ -70,6 +71,8 @@ def _pack(part: list[Sample], index: list[int], weights: Optional[torch.Tensor],
         loss_mask[row, start:end] = 1.0
         if s.old_logprobs:
             old[row, start:end] = torch.tensor(s.old_logprobs)
+        if s.rollout_logprobs:
+            rollout[row, start:end] = torch.tensor(s.rollout_logprobs)
         batch.advantages[row] = s.advantage or 0.0
         batch.weights[row] = 0.0 if weights is None else weights[i]
         batch.index[row] = i

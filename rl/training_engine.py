@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from checkpoint_engine.endpoint import Endpoint, engine_delivery
 from rl import architectures
-from rl.algorithms import group_mean_weights, kimi_k2_sample_losses
+from rl.objectives import ObjectiveSettings, sample_losses, sample_weights
 from rl.checkpoint import export_hf, load_checkpoint, save_checkpoint
 from rl.micro_batches import MicroBatch, split_micro_batches
 from rl.model_sharding import gather_full_state, is_expert, load_full_state, tensor_parallel_of
@@ -271,7 +271,7 @@ class TrainingEngine:
             found.update(part)
         return [found[i] for i in range(len(samples))]
 
-    def compute_gradients(self, samples: list[Sample], tau: float, temperature: float = 1.0) -> float:
+    def compute_gradients(self, samples: list[Sample], objective: ObjectiveSettings, temperature: float = 1.0) -> float:
         """Forward and backward over `samples` (one minibatch): DP-reduced grads in `main_grad`.
 
         Returns the objective's value. The loss of each micro-batch is its samples' weighted terms;
@@ -280,26 +280,28 @@ class TrainingEngine:
         """
         self.ddp.train()
         self.ddp.zero_grad_buffer()
-        weights = group_mean_weights(torch.tensor([s.group_id for s in samples]))
+        weights = sample_weights([s.group_id for s in samples], [len(s.response_ids) for s in samples],
+                                 objective.aggregation)
         batches = self._split(samples, weights)
         undo = len(batches) * self.dp
 
-        def objective(batch: MicroBatch, logits):
+        def loss_func(batch: MicroBatch, logits):
             logprobs = self._token_logprobs(logits, batch.tokens, temperature)
-            terms = kimi_k2_sample_losses(logprobs, batch.old_logprobs.to(logprobs.device),
-                                          batch.advantages.to(logprobs.device), batch.loss_mask.to(logprobs.device), tau)
-            loss = (batch.weights.to(logprobs.device) * terms).sum()
+            on = lambda t: t.to(logprobs.device)  # noqa: E731
+            terms = sample_losses(objective, logprobs, on(batch.old_logprobs), on(batch.rollout_logprobs),
+                                  on(batch.advantages), on(batch.loss_mask))
+            loss = (on(batch.weights) * terms).sum()
             return loss * undo, {"loss": loss.detach()}
 
-        outputs = self._run_schedule(batches, objective, forward_only=False)
+        outputs = self._run_schedule(batches, loss_func, forward_only=False)
         total = torch.zeros((), device=self.device)
         if self.last_stage and self.tp_rank == 0:
             total += sum(out["loss"] for out in outputs)
         dist.all_reduce(total)
         return total.item()
 
-    def train_step(self, samples: list[Sample], tau: float, temperature: float = 1.0,
-                   num_minibatches: int = 1) -> dict[str, float]:
+    def train_step(self, samples: list[Sample], objective: ObjectiveSettings = ObjectiveSettings(),
+                   temperature: float = 1.0, num_minibatches: int = 1) -> dict[str, float]:
         """One RL iteration: `num_minibatches` optimizer steps over the samples, split by prompt group."""
         start = time.perf_counter()
         group_ids = sorted({s.group_id for s in samples})
@@ -307,7 +309,7 @@ class TrainingEngine:
         losses, norms, max_logits = [], [], []
         for chunk in chunks:
             reset_max_attn_logits([self.model])  # logits seen by logprob/eval passes do not count
-            losses.append(self.compute_gradients([s for s in samples if s.group_id in chunk], tau, temperature))
+            losses.append(self.compute_gradients([s for s in samples if s.group_id in chunk], objective, temperature))
             norms.append(self._clip_grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             for p in self.model.parameters():

@@ -42,13 +42,13 @@ def make_samples(model_path: str, prompt: str, reference: str, responses, reward
     """One group of Samples for `prompt` (each response closed by EOS) with group-mean advantages."""
     from transformers import AutoTokenizer
 
-    from rl.algorithms import group_mean_advantages
+    from rl.advantages import group_advantages
     from rl.sample import Sample
 
     tok = AutoTokenizer.from_pretrained(model_path)
     samples = [Sample(group_id=0, prompt=prompt, prompt_ids=tok.encode(prompt), reference=reference,
                       response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(responses, rewards)]
-    group_mean_advantages(samples)
+    group_advantages(samples)
     return samples
 
 

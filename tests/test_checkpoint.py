@@ -88,11 +88,11 @@ def _round_a(model_path, port, ckpt, out):
     from rl.training_engine import TrainingEngine
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu", grad_clip=1e9)
-    engine.train_step(_first_batch(model_path), tau=0.0)
+    engine.train_step(_first_batch(model_path), ObjectiveSettings(tau=0.0))
     save_checkpoint(ckpt, [engine.model], engine.optimizer, _extra(engine, 1))
     after_save_draw = torch.rand(4)
     saved = {"hf": _hf(engine), "moments": _moments(engine)}
-    continued = engine.train_step(_second_batch(model_path), tau=0.0)
+    continued = engine.train_step(_second_batch(model_path), ObjectiveSettings(tau=0.0))
     continued_hf = _hf(engine)
 
     twin = TrainingEngine(model_path, master_port=port, **ENGINE)
@@ -101,7 +101,7 @@ def _round_a(model_path, port, ckpt, out):
     twin_draw = torch.rand(4)
     twin_loaded = {"hf": _hf(twin), "moments": _moments(twin)}
     twin.scheduler.load_state_dict(extra["scheduler"])
-    twin_step = twin.train_step(_second_batch(model_path), tau=0.0)
+    twin_step = twin.train_step(_second_batch(model_path), ObjectiveSettings(tau=0.0))
     torch.save({"saved": saved, "continued": continued, "continued_hf": continued_hf, "extra": extra,
                 "after_save_draw": after_save_draw, "twin_draw": twin_draw, "twin_loaded": twin_loaded,
                 "twin_step": twin_step, "twin_hf": _hf(twin)}, out)
@@ -120,7 +120,7 @@ def _round_load(rank, world, model_path, port, ckpt, out, save_to=None, export_t
     loaded = {"hf": _hf(engine), "moments": _moments(engine)}
     if save_to:
         save_checkpoint(save_to, [engine.model], engine.optimizer, _extra(engine, extra["step"]))
-    metrics = engine.train_step(_second_batch(model_path), tau=0.0)
+    metrics = engine.train_step(_second_batch(model_path), ObjectiveSettings(tau=0.0))
     stepped = _hf(engine)
     if export_to and rank == 0:
         export_hf(export_to, stepped, model_path)

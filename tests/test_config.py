@@ -24,6 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"rollout": {"temperature": 0.0}}, "rollout.temperature"),
     ({"trainer": {"lr": "fast"}}, "trainer.lr"),
     ({"algorithm": {"objective": "ppo"}}, "algorithm.objective"),
+    ({"algorithm": {"objective": "kimi_k25", "ratio_low": 2.0, "ratio_high": 2.0}}, "algorithm.ratio_low"),
+    ({"algorithm": {"ratio_low": 0.0}}, "algorithm.ratio_low"),
+    ({"algorithm": {"old_policy": "reference"}}, "algorithm.old_policy"),
+    ({"algorithm": {"clip_low": 1.0}}, "algorithm.clip_low"),
+    ({"algorithm": {"objective": "kimi_k2", "tis_cap": 2.0}}, "algorithm.tis_cap"),
+    ({"algorithm": {"objective": "gspo", "loss_aggregation": "token_mean"}}, "algorithm.loss_aggregation"),
+    ({"algorithm": {"loss_aggregation": "sum"}}, "algorithm.loss_aggregation"),
+    ({"algorithm": {"max_sampling_rounds": 0}}, "algorithm.max_sampling_rounds"),
+    ({"rollout": {"temperature_end": -1.0}}, "rollout.temperature_end"),
+    ({"rollout": {"temperature_schedule": "step"}}, "rollout.temperature_schedule"),
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -53,6 +63,7 @@ def test_default_config_is_valid():
     ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
     ("trainer.lr=-0.1", "trainer.lr"),
     ("trainer.tensor_parallel_size=3", "trainer.tensor_parallel_size"),
+    ("algorithm.objective=ppo", "algorithm.objective"),
 ])
 def test_cli_rejects_bad_config_before_starting_anything(override, field, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rl.train", override, f"hydra.run.dir={tmp_path}"],

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rl.objectives import ObjectiveSettings
 from rl.offload import CATEGORIES, Offloader
 from tests.conftest import make_samples, pick_port
 
@@ -60,8 +61,8 @@ def _train_equivalence(model_path, port, out_path):
                _samples(model_path, ["11", "21"], [1.0, 0.0]),
                _samples(model_path, ["11", "2", "9"], [0.0, 1.0, 0.0])]
     result = {"metrics": [], "ref_metrics": []}
-    result["metrics"].append(engine.train_step(batches[0], tau=0.0))
-    result["ref_metrics"].append(ref.train_step(batches[0], tau=0.0))
+    result["metrics"].append(engine.train_step(batches[0], ObjectiveSettings(tau=0.0)))
+    result["ref_metrics"].append(ref.train_step(batches[0], ObjectiveSettings(tau=0.0)))
 
     offloader = Offloader([getattr(engine, "ddp", None) or engine.model], engine.optimizer)
     objects = [id(p) for p in engine.model.parameters()] + [id(t) for st in engine.optimizer.state.values()
@@ -76,16 +77,16 @@ def _train_equivalence(model_path, port, out_path):
     result["restored_exactly"] = _equal(_snapshot(engine), before)
     result["same_objects"] = objects == [id(p) for p in engine.model.parameters()] + [
         id(t) for st in engine.optimizer.state.values() for t in st.values()]
-    result["metrics"].append(engine.train_step(batches[1], tau=0.0))
-    result["ref_metrics"].append(ref.train_step(batches[1], tau=0.0))
+    result["metrics"].append(engine.train_step(batches[1], ObjectiveSettings(tau=0.0)))
+    result["ref_metrics"].append(ref.train_step(batches[1], ObjectiveSettings(tau=0.0)))
     result["step_after_onload_equal"] = _equal({"w": _hf(engine)}, {"w": _hf(ref)})
 
     host = [b.data_ptr() for bufs in offloader._pool.buffers.values() for b in bufs]
     result["second_offload"] = offloader.offload()
     result["host_reused"] = host == [b.data_ptr() for bufs in offloader._pool.buffers.values() for b in bufs]
     offloader.onload()
-    result["metrics"].append(engine.train_step(batches[2], tau=0.0))
-    result["ref_metrics"].append(ref.train_step(batches[2], tau=0.0))
+    result["metrics"].append(engine.train_step(batches[2], ObjectiveSettings(tau=0.0)))
+    result["ref_metrics"].append(ref.train_step(batches[2], ObjectiveSettings(tau=0.0)))
     result["second_cycle_equal"] = _equal({"w": _hf(engine)}, {"w": _hf(ref)})
     result["ddp"] = _megatron_ddp_cycle(model_path, port)  # same process: one start-up for both checks
     torch.save(result, out_path)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rl.objectives import ObjectiveSettings
 from rl.optimizers import MatrixLayout, Muon, muon_scale, newton_schulz
 from tests.conftest import pick_port
 
@@ -181,7 +182,7 @@ def _worker(rank, tp, model_path, port, inputs, out_path):
                       response_ids=ids[6:].tolist(), advantage=adv)
                for i, (ids, adv) in enumerate(zip(inputs["train"], [1.0, -1.0, 0.5, -0.5]))]
     result["before"] = _copy(engine.hf_state_dict())
-    engine.compute_gradients(samples, tau=0.0)
+    engine.compute_gradients(samples, ObjectiveSettings(tau=0.0))
     result["grads"] = _copy(engine.hf_grad_dict())
     for p in model.parameters():
         p.grad = p.main_grad

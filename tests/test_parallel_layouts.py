@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.algorithms import group_mean_advantages
+from rl.advantages import group_advantages
 from rl.sample import Sample
 from rl.training_engine import load_hf_state_dict
 
@@ -26,7 +26,7 @@ def _samples() -> list[Sample]:
             response = torch.randint(2, 64, (2 + k,), generator=g).tolist()
             samples.append(Sample(group_id=group, prompt="", prompt_ids=prompt, reference="",
                                   response_ids=response, reward=float(k == group % 3)))
-    group_mean_advantages(samples)
+    group_advantages(samples)
     return samples
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.algorithms import group_mean_advantages
+from rl.advantages import group_advantages
+from rl.objectives import ObjectiveSettings
 from rl.sample import Sample
 from rl.training_engine import lr_factor
 
@@ -21,11 +22,11 @@ def _sgd_step(model_path, port, rewards, out_path):
     responses = ["64", "99", "1", "46"]
     samples = [Sample(group_id=0, prompt="12+34=", prompt_ids=tok.encode("12+34="), reference="64",
                       response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(responses, rewards)]
-    group_mean_advantages(samples)
+    group_advantages(samples)
     before = engine.compute_logprobs(samples)
     for s, lp in zip(samples, before):
         s.old_logprobs = lp
-    metrics = engine.train_step(samples, tau=0.0)
+    metrics = engine.train_step(samples, ObjectiveSettings(tau=0.0))
     after = engine.compute_logprobs(samples)
     torch.save({"before": before, "after": after, "metrics": metrics}, out_path)
     engine.shutdown()
@@ -40,12 +41,12 @@ def _reset_between_adam_steps(model_path, port, rewards, out_path):
     tok = AutoTokenizer.from_pretrained(model_path)
     samples = [Sample(group_id=0, prompt="1+1=", prompt_ids=tok.encode("1+1="), reference="2",
                       response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(["2", "3"], rewards)]
-    group_mean_advantages(samples)
-    lrs = [engine.train_step(samples, tau=0.0)["lr"]]
+    group_advantages(samples)
+    lrs = [engine.train_step(samples, ObjectiveSettings(tau=0.0))["lr"]]
     had_state = len(engine.optimizer.state) > 0
     engine.reset_optimizer_state()
     cleared = len(engine.optimizer.state) == 0
-    lrs.append(engine.train_step(samples, tau=0.0)["lr"])
+    lrs.append(engine.train_step(samples, ObjectiveSettings(tau=0.0))["lr"])
     torch.save({"lrs": lrs, "had_state": had_state, "cleared": cleared}, out_path)
     engine.shutdown()
 
