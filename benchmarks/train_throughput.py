@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rl.advantages import group_advantages  # noqa: E402
+from rl.objectives import ObjectiveSettings  # noqa: E402
 from rl.sample import Sample  # noqa: E402
 
 LAYOUTS = {
@@ -57,11 +58,11 @@ def _worker(rank, world, path, port, layout, steps, shape, out):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     engine = TrainingEngine(path, rank=rank, world_size=world, master_port=port, lr=1e-5, **layout)
     samples = batch(*shape)
-    engine.train_step(samples, tau=0.01)  # warm-up
+    engine.train_step(samples, ObjectiveSettings(tau=0.01))  # warm-up
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        engine.train_step(samples, tau=0.01)
+        engine.train_step(samples, ObjectiveSettings(tau=0.01))
         times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times)}
     if rank == 0 and world == 1:

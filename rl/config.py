@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from checkpoint_engine.transfer import MODES as TRANSPORT_MODES
 from rl.objectives import AGGREGATIONS, OBJECTIVES, OLD_POLICIES, SEQUENCE_LEVEL, ObjectiveSettings
 from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
+from rl.ptx import PTX_FIELDS, load_records
 from rl.temperature import SCHEDULES
 
 
@@ -69,6 +70,10 @@ class RolloutConfig:
     temperature_end: Optional[float] = None  # None: constant temperature (K2's decay values are undisclosed)
     temperature_schedule: str = "linear"  # linear | cosine | exponential (rl/temperature.py)
     temperature_decay_steps: Optional[int] = None  # steps to reach temperature_end; None: the whole run
+    # K1.5 partial rollouts: per-iteration output-token budget of a response; one that is not finished
+    # within it is paused, kept in the replay buffer and continued next round/step. None: off.
+    partial_segment_tokens: Optional[int] = None
+    mask_old_segments: bool = False  # train only on the tokens the current weights sampled
     max_total_tokens: int = 8192  # SGLang KV-cache cap; its default pre-allocates GBs on CPU
     tensor_parallel_size: int = 1
     mem_fraction_static: float = 0.3  # share of the (colocated) GPU SGLang may take; unused on CPU
@@ -93,6 +98,30 @@ class AlgorithmConfig(ObjectiveSettings):
     @property
     def std_normalized(self) -> bool:
         return self.objective == "grpo" if self.normalize_advantages is None else self.normalize_advantages
+
+
+@dataclass
+class BudgetConfig:
+    """Budget control and length shaping (rl/budget.py, kimi-rl-spec §2); all off by default. The K2
+    token budget is rollout.max_new_tokens; Kimi's values are undisclosed, these defaults are ours."""
+    truncation_reward: Optional[float] = None  # K2: reward of a response cut off by the budget; None: scored as is
+    length_penalty_weight: float = 0.0  # K1.5 length penalty weight; 0: off
+    length_penalty_start_step: int = 0  # K1.5 warm-up: steps of plain RL before the penalty starts
+    toggle: bool = False  # K2.5 Toggle
+    toggle_phase_steps: int = 10  # m: steps per phase (budget-limited first)
+    toggle_accuracy_threshold: float = 0.5  # lambda: the budget applies to groups at least this accurate
+    toggle_percentile: float = 50.0  # rho: a prompt's budget is this percentile of its correct lengths
+    toggle_estimate_prompts: int = 64  # prompts (K samples each) rolled out once at the start to set budgets
+    correct_threshold: float = 1.0  # a task reward at or above this counts as correct
+
+
+@dataclass
+class PTXConfig:
+    """The PTX loss (Kimi K2; rl/ptx.py): coef * token-mean NLL of curated demonstrations, in every
+    RL update. Kimi's coefficient and data are undisclosed; off by default."""
+    coef: float = 0.0  # 0: off
+    path: Optional[str] = None  # JSONL or parquet with `prompt` and `response`; None: the task's own answers
+    samples_per_step: int = 16  # demonstrations per RL step (dealt to its minibatches)
 
 
 @dataclass
@@ -161,6 +190,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    ptx: PTXConfig = field(default_factory=PTXConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -226,6 +257,8 @@ def validate(c: Config) -> None:
     _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1", r.prompts_per_step)
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
     _require(r.temperature > 0, "rollout.temperature", "must be > 0", r.temperature)
+    _require(r.partial_segment_tokens is None or r.partial_segment_tokens >= 1, "rollout.partial_segment_tokens",
+             "must be >= 1 or null", r.partial_segment_tokens)
     _require(r.temperature_end is None or r.temperature_end > 0, "rollout.temperature_end", "must be > 0 or null",
              r.temperature_end)
     _require(r.temperature_schedule in SCHEDULES, "rollout.temperature_schedule", f"must be one of {SCHEDULES}",
@@ -259,6 +292,28 @@ def validate(c: Config) -> None:
     _require(a.updates_per_step >= 1, "algorithm.updates_per_step", "must be >= 1", a.updates_per_step)
     _require(r.prompts_per_step % a.updates_per_step == 0, "algorithm.updates_per_step",
              "must divide rollout.prompts_per_step", a.updates_per_step)
+
+    b = c.budget
+    _require(b.length_penalty_weight >= 0, "budget.length_penalty_weight", "must be >= 0", b.length_penalty_weight)
+    _require(b.length_penalty_start_step >= 0, "budget.length_penalty_start_step", "must be >= 0",
+             b.length_penalty_start_step)
+    _require(b.toggle_phase_steps >= 1, "budget.toggle_phase_steps", "must be >= 1", b.toggle_phase_steps)
+    _require(0 <= b.toggle_accuracy_threshold <= 1, "budget.toggle_accuracy_threshold", "must be in [0, 1]",
+             b.toggle_accuracy_threshold)
+    _require(0 <= b.toggle_percentile <= 100, "budget.toggle_percentile", "must be in [0, 100]", b.toggle_percentile)
+    _require(b.toggle_estimate_prompts >= 1, "budget.toggle_estimate_prompts", "must be >= 1",
+             b.toggle_estimate_prompts)
+
+    p = c.ptx
+    _require(p.coef >= 0, "ptx.coef", "must be >= 0", p.coef)
+    _require(p.samples_per_step >= 1, "ptx.samples_per_step", "must be >= 1", p.samples_per_step)
+    if p.path is not None:
+        _require(os.path.isfile(p.path), "ptx.path", "file does not exist", p.path)
+        try:
+            load_records(p.path, PTX_FIELDS, "ptx.path")
+        except Exception as exc:  # a missing field (named), or a file datasets cannot read
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(message if message.startswith("ptx.path:") else f"ptx.path: {message}") from None
 
     _require(t.optimizer in ("adamw", "muon"), "trainer.optimizer", "must be adamw or muon", t.optimizer)
     _require(0 <= t.muon_momentum < 1, "trainer.muon_momentum", "must be in [0, 1)", t.muon_momentum)

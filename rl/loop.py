@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import ray
 from transformers import AutoTokenizer
@@ -12,9 +13,11 @@ from transformers import AutoTokenizer
 from checkpoint_engine.engine import CheckpointEngine
 from rewards import exact_match
 from rl.advantages import group_advantages, uniform_groups
+from rl.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
 from rl.cluster import colocated_bundles, free_port, in_bundle, start_ray
 from rl.config import Config, trainer_layout
 from rl.metrics import MetricsLogger
+from rl.ptx import PTXData
 from rl.sample import Sample
 from rl.tasks import AdditionTask
 from rl.temperature import temperature_at
@@ -90,9 +93,16 @@ class RLLoop:
     def __init__(self, config: Config, engines: Engines, tokenizer, logger: MetricsLogger | None = None):
         self.config, self.engines, self.tokenizer, self.logger = config, engines, tokenizer, logger
         self.task = AdditionTask(config.task.digits, config.task.seed, config.task.reverse_answer)
+        self.ptx = PTXData(tokenizer, config.ptx.path, self.task, config.seed) if config.ptx.coef > 0 else None
         self.weight_version = 0  # the engines start from the same checkpoint: version 0
         self.step_index = 0
         self.next_prompt = 0  # position in the task's prompt stream (dynamic sampling reads ahead)
+        # The replay buffer of partial rollouts: groups with a response paused at the per-iteration token
+        # budget, continued (under newer weights) in the next round or step before they are trained on.
+        self.in_flight: dict[int, list[Sample]] = {}
+        self.last_samples: list[Sample] = []  # the last step's trained samples, for inspection
+        self.budgets: Optional[dict[str, int]] = None  # Toggle's per-prompt budgets, estimated once
+        self.default_budget: Optional[int] = None  # and over all its prompts, for prompts without their own
 
     def _call_trainers(self, method: str, *args, **kwargs):
         """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
@@ -110,14 +120,38 @@ class RLLoop:
         return temperature_at(self.step_index, r.temperature, r.temperature_end, r.temperature_schedule,
                               r.temperature_decay_steps or self.config.steps)
 
-    def _generate(self, samples: list[Sample], temperature: float) -> list[Sample]:
-        return ray.get(self.engines.rollout.generate.remote(samples, self.config.rollout.max_new_tokens, temperature),
+    def _generate(self, samples: list[Sample], temperature: float, max_new_tokens=None) -> list[Sample]:
+        cap = self.config.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return ray.get(self.engines.rollout.generate.remote(samples, cap, temperature),
                        timeout=self.config.trainer.timeout_s)
 
     @staticmethod
     def _score(samples: list[Sample]) -> None:
         for s in samples:
-            s.reward = exact_match(s.response, s.reference)
+            s.task_reward = s.reward = exact_match(s.response, s.reference)
+
+    def estimate_toggle_budgets(self) -> None:
+        """Toggle's budgets from the initial policy: K samples for each of the first prompts of the stream."""
+        b, r = self.config.budget, self.config.rollout
+        samples = self._generate(self.make_samples(0, b.toggle_estimate_prompts, r.samples_per_prompt),
+                                 self.temperature())
+        self._score(samples)
+        self.budgets, self.default_budget = estimate_budgets(samples, b.toggle_percentile, b.correct_threshold)
+
+    def shape_rewards(self, samples: list[Sample]) -> dict[str, float]:
+        """Budget control and length shaping (rl/budget.py), in the spec's order."""
+        b = self.config.budget
+        if b.truncation_reward is not None:
+            apply_truncation_reward(samples, b.truncation_reward)
+        zeroed = 0
+        if b.toggle:
+            if self.budgets is None:
+                self.estimate_toggle_budgets()
+            zeroed = apply_toggle(samples, self.step_index, b.toggle_phase_steps, b.toggle_accuracy_threshold,
+                                  self.budgets, self.default_budget, b.correct_threshold)
+        if b.length_penalty_weight and self.step_index >= b.length_penalty_start_step:
+            apply_length_penalty(samples, b.length_penalty_weight, b.correct_threshold)
+        return {"toggle_zeroed": float(zeroed)} if b.toggle else {}
 
     def evaluate(self) -> float:
         """Accuracy on held-out prompts (a range of the task stream training never reaches), one sample each."""
@@ -125,35 +159,65 @@ class RLLoop:
         self._score(samples)
         return sum(float(s.reward) for s in samples) / len(samples)
 
+    def _generation_round(self, fresh: int, temperature: float) -> list[Sample]:
+        """Start `fresh` new groups, generate every unfinished response in flight (at most the partial
+        rollout segment, within the response budget), and return the groups now complete."""
+        r = self.config.rollout
+        for s in self.make_samples(self.next_prompt, fresh, r.samples_per_prompt):
+            s.group_id += self.next_prompt  # unique over the run
+            self.in_flight.setdefault(s.group_id, []).append(s)
+        self.next_prompt += fresh
+        todo = [(g, i) for g, members in self.in_flight.items() for i, s in enumerate(members)
+                if s.finish_reason in ("", "paused")]
+        samples = [self.in_flight[g][i] for g, i in todo]
+        caps = [r.max_new_tokens - len(s.response_ids) for s in samples]
+        if r.partial_segment_tokens:
+            caps = [min(cap, r.partial_segment_tokens) for cap in caps]
+        for (g, i), s in zip(todo, self._generate(samples, temperature, caps)):
+            if s.finish_reason == "length" and len(s.response_ids) < r.max_new_tokens:
+                s.finish_reason = "paused"  # the segment budget, not the response budget, stopped it
+            self.in_flight[g][i] = s
+        complete = [g for g, members in self.in_flight.items() if all(m.finish_reason != "paused" for m in members)]
+        return [s for g in complete for s in self.in_flight.pop(g)]
+
     def rollout(self, temperature: float) -> tuple[list[Sample], dict[str, float]]:
-        """Generate, score and compute advantages for `prompts_per_step` groups. With dynamic sampling,
-        groups whose rewards are all equal are dropped and further prompts generated to refill, for at
-        most `max_sampling_rounds` rounds (if none is informative, the last round's groups are kept)."""
+        """Complete `prompts_per_step` groups: generate, score, shape rewards, compute advantages.
+
+        Dynamic sampling drops groups whose rewards are all equal and starts more prompts to refill;
+        partial rollouts continue paused groups (from earlier steps first) one segment per round. Both
+        stop after `max_sampling_rounds` rounds, except that a step never trains on nothing while
+        groups are in flight (then no new prompts start, so it ends). Groups still paused stay in the
+        replay buffer for the next step."""
         r, a = self.config.rollout, self.config.algorithm
+        max_rounds = a.max_sampling_rounds if (a.filter_uniform_groups or r.partial_segment_tokens) else 1
         kept: list[Sample] = []
+        complete: list[Sample] = []
         rounds = dropped = 0
-        scoring = 0.0
-        while rounds < (a.max_sampling_rounds if a.filter_uniform_groups else 1):
-            needed = r.prompts_per_step - len({s.group_id for s in kept})
-            if needed <= 0:
+        scoring, shaping = 0.0, {}  # type: float, dict[str, float]
+        while len({s.group_id for s in kept}) < r.prompts_per_step:
+            if rounds >= max_rounds and (kept or not self.in_flight):
                 break
-            batch = self.make_samples(self.next_prompt, needed, r.samples_per_prompt)
-            for s in batch:
-                s.group_id += self.next_prompt  # unique over rounds
-            self.next_prompt += needed
+            fresh = 0 if rounds >= max_rounds else r.prompts_per_step - len({s.group_id for s in kept}) - len(self.in_flight)
+            complete = self._generation_round(max(0, fresh), temperature)
             rounds += 1
-            batch = self._generate(batch, temperature)
             start = time.perf_counter()
-            self._score(batch)
+            self._score(complete)
+            for key, value in self.shape_rewards(complete).items():
+                shaping[key] = shaping.get(key, 0.0) + value
             scoring += time.perf_counter() - start
-            uniform = uniform_groups(batch) if a.filter_uniform_groups else set()
+            uniform = uniform_groups(complete) if a.filter_uniform_groups else set()
             dropped += len(uniform)
-            kept += [s for s in batch if s.group_id not in uniform]
+            kept += [s for s in complete if s.group_id not in uniform]
         if not kept:
-            kept = batch
+            kept = complete
+        if r.mask_old_segments:
+            for s in kept:
+                s.loss_mask = [float(v == self.weight_version) for v in s.token_versions]
         group_advantages(kept, normalize_std=a.std_normalized)
         return kept, {"sampling_rounds": float(rounds), "groups_dropped": float(dropped),
-                      "groups_trained": float(len({s.group_id for s in kept})), "reward_seconds": scoring}
+                      "groups_trained": float(len({s.group_id for s in kept})), "reward_seconds": scoring,
+                      "groups_in_flight": float(len(self.in_flight)),
+                      "mixed_version_samples": float(sum(len(set(s.token_versions)) > 1 for s in kept)), **shaping}
 
     def step(self) -> dict[str, float]:
         c, timeout = self.config, self.config.trainer.timeout_s
@@ -169,12 +233,15 @@ class RLLoop:
         mismatch = 0.0
         for s, lp in zip(samples, old):
             s.old_logprobs = lp
-            mismatch = max([mismatch, *(abs(a - b) for a, b in zip(lp, s.rollout_logprobs))])
+            # on the tokens the current weights sampled (older segments of partial rollouts differ by design)
+            mismatch = max([mismatch, *(abs(a - b) for a, b, v in zip(lp, s.rollout_logprobs, s.token_versions)
+                                        if v == self.weight_version)])
         if c.algorithm.reset_optimizer_each_step:
             self._call_trainers("reset_optimizer_state")
         groups = len({s.group_id for s in samples})
+        ptx = self.ptx.batch(self.step_index, c.ptx.samples_per_step) if self.ptx is not None else []
         train = self._call_trainers("train_step", samples, c.algorithm, temperature,
-                                    min(c.algorithm.updates_per_step, groups))
+                                    min(c.algorithm.updates_per_step, groups), ptx, c.ptx.coef)
         t3 = time.perf_counter()
 
         ray.get(self.engines.rollout.resume_memory.remote(), timeout=timeout)
@@ -184,14 +251,15 @@ class RLLoop:
 
         rewards = [float(s.reward) for s in samples]
         metrics = {
-            "accuracy": sum(reward == 1.0 for reward in rewards) / len(rewards),
+            "accuracy": sum(float(s.task_reward) >= c.budget.correct_threshold for s in samples) / len(samples),
             "reward_mean": sum(rewards) / len(rewards),
+            "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "response_length": sum(len(s.response_ids) for s in samples) / len(samples),
             "loss": train["loss"],
             "grad_norm": train["grad_norm"],
             "lr": train["lr"],
             "logprob_mismatch_max": mismatch,
-            "sample_weight_version": min(s.weight_version for s in samples),
+            "sample_weight_version": min(min(s.token_versions, default=s.weight_version) for s in samples),
             "weight_version": self.weight_version,
             "temperature": temperature,
             **sampling,
@@ -201,8 +269,10 @@ class RLLoop:
             "sync_seconds": t4 - t3,
             "step_seconds": t4 - step_start,
         }
-        if "max_attn_logit" in train:  # MuonClip's QK-Clip is on
-            metrics["max_attn_logit"] = train["max_attn_logit"]
+        for key in ("ptx_loss", "max_attn_logit"):  # with PTX; with MuonClip's QK-Clip
+            if key in train:
+                metrics[key] = train[key]
+        self.last_samples = samples
         self.step_index += 1
         every = c.eval.every
         if every and (self.step_index % every == 0 or self.step_index == c.steps):

@@ -17,10 +17,14 @@ class Sample:
     response: str = ""
     rollout_logprobs: list[float] = field(default_factory=list)  # from the rollout engine, per response token
     finish_reason: str = ""
-    weight_version: int = -1  # version of the weights that generated the response
-    reward: Optional[float] = None
+    weight_version: int = -1  # version of the weights that generated the response (its latest segment)
+    token_versions: list[int] = field(default_factory=list)  # per response token: the weights that sampled it
+    loss_mask: list[float] = field(default_factory=list)  # per response token, 0 to leave it out; empty: all in
+    task_reward: Optional[float] = None  # the verifiable score of the response
+    reward: Optional[float] = None  # after budget control and length shaping (rl/budget.py): what advantages use
     advantage: Optional[float] = None
     old_logprobs: list[float] = field(default_factory=list)  # trainer's logprobs under pi_old
+    ptx: bool = False  # a curated demonstration for the PTX loss (trained by NLL), not a rollout
 
     @property
     def tokens(self) -> list[int]:

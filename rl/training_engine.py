@@ -15,7 +15,7 @@ import math
 import os
 import time
 from functools import partial
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -271,45 +271,61 @@ class TrainingEngine:
             found.update(part)
         return [found[i] for i in range(len(samples))]
 
-    def compute_gradients(self, samples: list[Sample], objective: ObjectiveSettings, temperature: float = 1.0) -> float:
+    def compute_gradients(self, samples: list[Sample], objective: ObjectiveSettings, temperature: float = 1.0,
+                          ptx_coef: float = 0.0) -> dict[str, float]:
         """Forward and backward over `samples` (one minibatch): DP-reduced grads in `main_grad`.
 
-        Returns the objective's value. The loss of each micro-batch is its samples' weighted terms;
-        Megatron divides by the number of micro-batches and DDP averages over DP, which we undo, so the
-        gradient is exactly that of the whole minibatch's loss whatever the layout.
+        Rollouts get the objective, PTX demonstrations (`Sample.ptx`) `ptx_coef` times their token-mean
+        NLL. Returns both values ("loss", "ptx_loss": the NLL without the coefficient). The loss of
+        each micro-batch is its samples' weighted terms; Megatron divides by the number of
+        micro-batches and DDP averages over DP, which we undo, so the gradient is exactly that of the
+        whole minibatch's loss whatever the layout.
         """
         self.ddp.train()
         self.ddp.zero_grad_buffer()
-        weights = sample_weights([s.group_id for s in samples], [len(s.response_ids) for s in samples],
-                                 objective.aggregation)
+        weights = torch.zeros(len(samples))
+        rl = [i for i, s in enumerate(samples) if not s.ptx]
+        ptx = [i for i, s in enumerate(samples) if s.ptx]
+        if rl:
+            weights[rl] = sample_weights([samples[i].group_id for i in rl], [len(samples[i].response_ids) for i in rl],
+                                         objective.aggregation)
+        if ptx:  # token mean over the demonstrations' response tokens
+            weights[ptx] = 1.0 / sum(len(samples[i].response_ids) for i in ptx)
         batches = self._split(samples, weights)
         undo = len(batches) * self.dp
 
         def loss_func(batch: MicroBatch, logits):
             logprobs = self._token_logprobs(logits, batch.tokens, temperature)
             on = lambda t: t.to(logprobs.device)  # noqa: E731
+            mask, is_ptx, w = on(batch.loss_mask), on(batch.ptx), on(batch.weights)
             terms = sample_losses(objective, logprobs, on(batch.old_logprobs), on(batch.rollout_logprobs),
-                                  on(batch.advantages), on(batch.loss_mask))
-            loss = (on(batch.weights) * terms).sum()
-            return loss * undo, {"loss": loss.detach()}
+                                  on(batch.advantages), mask)
+            nll = -(logprobs * mask).sum(-1)
+            rl_loss = (w * torch.where(is_ptx > 0, 0.0, terms)).sum()
+            ptx_loss = (w * torch.where(is_ptx > 0, nll, 0.0)).sum()
+            return (rl_loss + ptx_coef * ptx_loss) * undo, {"loss": rl_loss.detach(), "ptx_loss": ptx_loss.detach()}
 
         outputs = self._run_schedule(batches, loss_func, forward_only=False)
-        total = torch.zeros((), device=self.device)
+        totals = torch.zeros(2, device=self.device)
         if self.last_stage and self.tp_rank == 0:
-            total += sum(out["loss"] for out in outputs)
-        dist.all_reduce(total)
-        return total.item()
+            for out in outputs:
+                totals += torch.stack([out["loss"], out["ptx_loss"]])
+        dist.all_reduce(totals)
+        return {"loss": totals[0].item(), "ptx_loss": totals[1].item()}
 
     def train_step(self, samples: list[Sample], objective: ObjectiveSettings = ObjectiveSettings(),
-                   temperature: float = 1.0, num_minibatches: int = 1) -> dict[str, float]:
-        """One RL iteration: `num_minibatches` optimizer steps over the samples, split by prompt group."""
+                   temperature: float = 1.0, num_minibatches: int = 1, ptx: Sequence[Sample] = (),
+                   ptx_coef: float = 0.0) -> dict[str, float]:
+        """One RL iteration: `num_minibatches` optimizer steps over the samples, split by prompt group;
+        the PTX demonstrations `ptx` are dealt to the minibatches in turn."""
         start = time.perf_counter()
         group_ids = sorted({s.group_id for s in samples})
         chunks = [set(group_ids[i::num_minibatches]) for i in range(num_minibatches)]
-        losses, norms, max_logits = [], [], []
-        for chunk in chunks:
+        results, norms, max_logits = [], [], []
+        for n, chunk in enumerate(chunks):
             reset_max_attn_logits([self.model])  # logits seen by logprob/eval passes do not count
-            losses.append(self.compute_gradients([s for s in samples if s.group_id in chunk], objective, temperature))
+            minibatch = [s for s in samples if s.group_id in chunk] + list(ptx[n::num_minibatches])
+            results.append(self.compute_gradients(minibatch, objective, temperature, ptx_coef))
             norms.append(self._clip_grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             for p in self.model.parameters():
@@ -320,8 +336,10 @@ class TrainingEngine:
             self.scheduler.step()
             if self.qk_clip_tau is not None:
                 max_logits.append(self._apply_qk_clip())
-        metrics = {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr,
+        metrics = {"loss": sum(r["loss"] for r in results) / len(results), "grad_norm": max(norms), "lr": lr,
                    "train_seconds": time.perf_counter() - start}
+        if ptx:
+            metrics["ptx_loss"] = sum(r["ptx_loss"] for r in results) / len(results)
         if max_logits:
             metrics["max_attn_logit"] = max(max_logits)
         return metrics

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -52,16 +52,23 @@ class RolloutEngine:
         self.weight_version = 0
         self.can_release_memory = self.device != "cpu" and release_memory_during_train
 
-    def generate(self, samples: list[Sample], max_new_tokens: int, temperature: float = 1.0) -> list[Sample]:
-        """Fill in each sample's response ids, text, rollout logprobs, finish reason and weight version."""
+    def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]],
+                 temperature: float = 1.0) -> list[Sample]:
+        """Generate each sample's response, or continue it from the tokens it already has (a partial
+        rollout resumed under newer weights): appends response ids, rollout logprobs and, per new
+        token, the weight version; sets text, finish reason and the latest weight version.
+        `max_new_tokens`: one cap for all, or one per sample."""
+        caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(samples)
         outputs = self.engine.generate(
-            input_ids=[s.prompt_ids for s in samples],
-            sampling_params={"temperature": temperature, "max_new_tokens": max_new_tokens},
+            input_ids=[s.tokens for s in samples],
+            sampling_params=[{"temperature": temperature, "max_new_tokens": cap} for cap in caps],
             return_logprob=True,
         )
         for s, out in zip(samples, outputs):
-            s.response_ids = list(out["output_ids"])
-            s.rollout_logprobs = [lp for lp, _tok, _text in out["meta_info"]["output_token_logprobs"]]
+            new = list(out["output_ids"])
+            s.response_ids = s.response_ids + new
+            s.rollout_logprobs = s.rollout_logprobs + [lp for lp, _tok, _text in out["meta_info"]["output_token_logprobs"]]
+            s.token_versions = s.token_versions + [self.weight_version] * len(new)
             s.response = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
             s.finish_reason = out["meta_info"]["finish_reason"]["type"]
             s.weight_version = self.weight_version

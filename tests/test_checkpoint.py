@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rl.objectives import ObjectiveSettings
 from tests.conftest import make_samples, pick_port
 
 STEP_TOLERANCE = 1e-6  # a step under another TP layout reduces in another order: equal up to fp32 rounding

@@ -34,6 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"algorithm": {"max_sampling_rounds": 0}}, "algorithm.max_sampling_rounds"),
     ({"rollout": {"temperature_end": -1.0}}, "rollout.temperature_end"),
     ({"rollout": {"temperature_schedule": "step"}}, "rollout.temperature_schedule"),
+    ({"rollout": {"max_new_tokens": -5}}, "rollout.max_new_tokens"),  # the K2 token budget
+    ({"budget": {"length_penalty_weight": -0.1}}, "budget.length_penalty_weight"),
+    ({"budget": {"toggle_phase_steps": 0}}, "budget.toggle_phase_steps"),
+    ({"budget": {"toggle_percentile": 120}}, "budget.toggle_percentile"),
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -41,6 +45,15 @@ def test_bad_value_names_the_field(override, field):
     message = str(err.value)
     assert message.startswith(field + ":"), message
     assert "\n" not in message
+
+
+def test_ptx_dataset_without_a_response_field_is_named(tmp_path):
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match=r"^ptx.path: .*demos.jsonl has no field 'response'"):
+        load_config({"ptx": {"coef": 0.1, "path": str(data)}})
+    with pytest.raises(ConfigError, match=r"^ptx.path: file does not exist"):
+        load_config({"ptx": {"coef": 0.1, "path": str(tmp_path / "missing.jsonl")}})
 
 
 def test_tp_checked_against_the_model_directory(random_model):

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rl.objectives import ObjectiveSettings
 from tests.conftest import make_samples
 
 
@@ -13,11 +14,11 @@ def _worker(model_path, port, ckpt, export, out):
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
     samples = make_samples(model_path, "1+2=", "3", ["3", "4"], [1.0, 0.0])
-    engine.train_step(samples, tau=0.0)
+    engine.train_step(samples, ObjectiveSettings(tau=0.0))
     saved = engine.hf_state_dict()
     engine.save_checkpoint(ckpt, extra={"step": 1})
     lr_at_save = engine.scheduler.get_last_lr()[0]
-    engine.train_step(samples, tau=0.0)  # moves weights, moments and the lr schedule on
+    engine.train_step(samples, ObjectiveSettings(tau=0.0))  # moves weights, moments and the lr schedule on
     moved = not torch.equal(engine.hf_state_dict()["lm_head.weight"], saved["lm_head.weight"])
     extra = engine.load_checkpoint(ckpt)
     restored = all(torch.equal(engine.hf_state_dict()[k], v) for k, v in saved.items())

@@ -225,3 +225,54 @@ def test_temperature_schedules_by_hand():
     assert temperature_at(2, 1.2, 0.8, "cosine", 4) == pytest.approx(1.0)  # half way: the midpoint
     assert temperature_at(1, 1.2, 0.8, "cosine", 4) == pytest.approx(0.8 + 0.4 * (1 + math.cos(math.pi / 4)) / 2)
     assert temperature_at(2, 1.6, 0.4, "exponential", 4) == pytest.approx(0.8)  # geometric mean half way
+
+
+# --- budget control and length shaping (rl/budget.py) ----------------------------------------------
+def _responses(group, lengths, rewards, prompt="p", finish="stop"):
+    return [Sample(group_id=group, prompt=prompt, prompt_ids=[0], reference="", response_ids=[1] * n,
+                   task_reward=r, reward=r, finish_reason=finish) for n, r in zip(lengths, rewards)]
+
+
+def test_k15_length_penalty_worked_example():
+    """kimi-rl-spec §2.1: lengths 1k/2k/3k/5k give lambda 0.5/0.25/0/-0.5; wrong answers get min(0, lambda)."""
+    from rl.budget import apply_length_penalty, length_rewards
+
+    assert length_rewards([1000, 2000, 3000, 5000], [True] * 4) == [0.5, 0.25, 0.0, -0.5]
+    assert length_rewards([1000, 2000, 3000, 5000], [False] * 4) == [0.0, 0.0, 0.0, -0.5]
+    assert length_rewards([7, 7, 7], [True, False, True]) == [0.0, 0.0, 0.0]  # equal lengths: no length reward
+    samples = _responses(0, [1000, 2000, 3000, 5000], [1.0, 0.0, 1.0, 0.0])
+    apply_length_penalty(samples, weight=0.2)
+    assert [s.reward for s in samples] == pytest.approx([1.1, 0.0, 1.0, -0.1])
+    assert [s.task_reward for s in samples] == [1.0, 0.0, 1.0, 0.0]  # the score itself is kept
+
+
+def test_k2_truncated_responses_get_the_penalty_reward():
+    from rl.budget import apply_truncation_reward
+
+    samples = _responses(0, [3, 8], [1.0, 1.0]) + _responses(0, [8], [1.0], finish="length")
+    apply_truncation_reward(samples, -1.0)
+    assert [s.reward for s in samples] == [1.0, 1.0, -1.0]
+
+
+def test_toggle_phases_and_budget_by_hand():
+    from rl.budget import apply_toggle, estimate_budgets, toggle_budget_limited
+
+    # m = 3: steps 0-2 budget-limited (Phase0), 3-5 standard (Phase1), 6-8 Phase0 again
+    assert [toggle_budget_limited(t, 3) for t in range(9)] == [True] * 3 + [False] * 3 + [True] * 3
+    # budgets from the initial policy: 50th percentile of each prompt's correct lengths (wrong ones ignored)
+    initial = _responses(0, [4, 6, 8, 100], [1.0, 1.0, 1.0, 0.0], "a") + _responses(1, [5, 9], [0.0, 0.0], "b")
+    budgets, overall = estimate_budgets(initial, percentile=50)
+    assert budgets == {"a": 6} and overall == 6  # "b" has no correct response: no budget of its own
+
+    def group():  # accuracy 3/4 >= lambda = 0.5: over-budget responses lose their reward in Phase0
+        return _responses(0, [5, 6, 7, 12], [1.0, 1.0, 0.0, 1.0], "a")
+    samples = group()
+    assert apply_toggle(samples, 0, 3, 0.5, budgets) == 2
+    assert [s.reward for s in samples] == [1.0, 1.0, 0.0, 0.0]
+    samples = group()
+    assert apply_toggle(samples, 4, 3, 0.5, budgets) == 0 and [s.reward for s in samples] == [1.0, 1.0, 0.0, 1.0]
+    samples = group()  # a hard prompt (accuracy 3/4 < lambda = 0.8) keeps its rewards even in Phase0
+    assert apply_toggle(samples, 0, 3, 0.8, budgets) == 0
+    unknown = _responses(0, [5, 7], [1.0, 1.0], "c")  # no budget of its own: the overall one, else none
+    assert apply_toggle(unknown, 0, 3, 0.5, budgets, default_budget=overall) == 1
+    assert apply_toggle(_responses(0, [5, 7], [1.0, 1.0], "c"), 0, 3, 0.5, budgets) == 0

@@ -31,6 +31,7 @@ def _samples() -> list[Sample]:
 
 
 def _worker(rank, world_size, model_path, port, layout, out_path):
+    from rl.objectives import ObjectiveSettings
     from rl.training_engine import TrainingEngine
 
     engine = TrainingEngine(model_path, rank=rank, world_size=world_size, master_port=port, device="cpu", **layout)
@@ -38,7 +39,7 @@ def _worker(rank, world_size, model_path, port, layout, out_path):
     logprobs = engine.compute_logprobs(samples)
     for s, lp in zip(samples, logprobs):
         s.old_logprobs = [x - 0.01 for x in lp]  # a nonzero log-ratio, so the tau term has a gradient
-    loss = engine.compute_gradients(samples, tau=0.5)
+    loss = engine.compute_gradients(samples, ObjectiveSettings(tau=0.5))["loss"]
     norm = engine.grad_norm()
     grads, weights = engine.hf_grad_dict(), engine.hf_state_dict()
     if rank == 0:

@@ -51,6 +51,29 @@ def _reset_between_adam_steps(model_path, port, rewards, out_path):
     engine.shutdown()
 
 
+def _ptx_terms(model_path, port, rewards, out_path):
+    """The PTX loss and gradients: demonstrations alone, rollouts alone, and both in one minibatch."""
+    from transformers import AutoTokenizer
+
+    from rl.training_engine import TrainingEngine
+
+    engine = TrainingEngine(model_path, master_port=port, device="cpu")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    rollouts = [Sample(group_id=0, prompt="3+4=", prompt_ids=tok.encode("3+4="), reference="7",
+                       response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(["7", "12"], rewards)]
+    group_advantages(rollouts)
+    demos = [Sample(group_id=-1 - i, prompt=p, prompt_ids=tok.encode(p), reference=a, ptx=True,
+                    response_ids=tok.encode(a) + [tok.eos_token_id]) for i, (p, a) in enumerate([("12+34=", "64"),
+                                                                                               ("5+5=", "01")])]
+    objective = ObjectiveSettings(tau=0.0)
+    out = {}
+    for name, batch, coef in [("ptx", demos, 1.0), ("rl", rollouts, 0.0), ("both", rollouts + demos, 0.5)]:
+        out[name] = engine.compute_gradients(batch, objective, ptx_coef=coef)
+        out[name + "_grads"] = engine.hf_grad_dict()
+    torch.save(out, out_path)
+    engine.shutdown()
+
+
 def _run(model_path, port, rewards, tmp_path, target=_sgd_step):
     out = tmp_path / "result.pt"
     proc = mp.get_context("spawn").Process(target=target, args=(model_path, port, rewards, str(out)))
@@ -85,6 +108,29 @@ def test_optimizer_reset_clears_adam_state_but_keeps_the_lr_schedule(random_mode
     result = _run(random_model, free_port, [1.0, 0.0], tmp_path, target=_reset_between_adam_steps)
     assert result["had_state"] and result["cleared"]
     assert result["lrs"] == pytest.approx([1e-3 * 1 / 4, 1e-3 * 2 / 4])  # warm-up continued, not restarted
+
+
+@pytest.mark.multiproc
+def test_ptx_loss_is_the_hf_token_mean_nll_and_adds_coef_times_its_gradient(random_model, free_port, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = _run(random_model, free_port, [1.0, 0.0], tmp_path, target=_ptx_terms)
+    tok = AutoTokenizer.from_pretrained(random_model)
+    hf = AutoModelForCausalLM.from_pretrained(random_model, dtype=torch.float32)
+    nll, tokens = 0.0, 0
+    for prompt, answer in [("12+34=", "64"), ("5+5=", "01")]:  # HF's NLL of the answer tokens and EOS
+        ids, target = tok.encode(prompt), tok.encode(answer) + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + target])).logits[0, len(ids) - 1:-1]
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum").item()
+        tokens += len(target)
+    assert result["ptx"]["ptx_loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert result["ptx"]["loss"] == 0.0 and result["both"]["ptx_loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert result["both"]["loss"] == pytest.approx(result["rl"]["loss"], rel=1e-5)
+    for name, both in result["both_grads"].items():  # grad(L_RL + 0.5 L_PTX) = grad L_RL + 0.5 grad L_PTX
+        expected = result["rl_grads"][name] + 0.5 * result["ptx_grads"][name]
+        assert torch.allclose(both, expected, atol=1e-6, rtol=1e-4), name
+    assert any(g.abs().sum() > 0 for g in result["ptx_grads"].values())
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
