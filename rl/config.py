@@ -15,6 +15,7 @@ from transformers import AutoConfig
 
 from checkpoint_engine.transfer import MODES as TRANSPORT_MODES
 from rl.objectives import AGGREGATIONS, OBJECTIVES, OLD_POLICIES, SEQUENCE_LEVEL, ObjectiveSettings
+from rl.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
 from rl.ptx import PTX_FIELDS, load_records
 from rl.temperature import SCHEDULES
@@ -168,6 +169,16 @@ class WeightSyncConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints of the whole run (rl/loop.py): model, optimizer, lr schedule, RNG (per trainer rank),
+    and the loop's state (step, weight version, data position, partial-rollout buffer, Toggle budgets)."""
+    every: int = 0  # save after every `every` steps; 0: never
+    dir: Optional[str] = None  # None: <run dir>/checkpoints
+    keep: int = 2  # the newest complete checkpoints kept
+    resume: Optional[str] = None  # "auto": the newest complete checkpoint under `dir`, if any; or a path
+
+
+@dataclass
 class ClusterConfig:
     # None: start a local Ray cluster (the embedded default); else join this address ("auto" too).
     address: Optional[str] = None
@@ -194,6 +205,7 @@ class Config:
     ptx: PTXConfig = field(default_factory=PTXConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: int = 120
@@ -331,6 +343,13 @@ def validate(c: Config) -> None:
     _require(s.transport in SYNC_TRANSPORTS, "sync.transport", f"must be one of {SYNC_TRANSPORTS}", s.transport)
     _require(s.bucket_mb > 0, "sync.bucket_mb", "must be > 0", s.bucket_mb)
     _require(s.timeout_s > 0, "sync.timeout_s", "must be > 0", s.timeout_s)
+
+    k = c.checkpoint
+    _require(k.every >= 0, "checkpoint.every", "must be >= 0", k.every)
+    _require(k.keep >= 1, "checkpoint.keep", "must be >= 1", k.keep)
+    if k.resume not in (None, "auto"):
+        _require(os.path.isfile(os.path.join(k.resume, CHECKPOINT_MARKER)), "checkpoint.resume",
+                 "is not a complete checkpoint (expected \"auto\" or a checkpoint directory)", k.resume)
 
     w = c.warm_start
     _require(0 <= w.label_smoothing < 1, "warm_start.label_smoothing", "must be in [0, 1)", w.label_smoothing)

@@ -1,8 +1,12 @@
-"""The RL driver: sample prompts -> roll out K each (SGLang) -> score -> advantages -> Kimi K2 step
-(Megatron) -> push weights -> repeat. Engines live in Ray actors colocated in placement-group bundles.
+"""The RL driver: sample prompts -> roll out K each (SGLang) -> score and shape rewards -> advantages ->
+policy update (Megatron) -> push weights -> checkpoint -> repeat. Engines live in Ray actors colocated
+in placement-group bundles; docs/training-signal.md follows one step.
 """
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +18,7 @@ from checkpoint_engine.engine import CheckpointEngine
 from rewards import exact_match
 from rl.advantages import group_advantages, uniform_groups
 from rl.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
+from rl.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.cluster import colocated_bundles, free_port, in_bundle, start_ray
 from rl.config import Config, trainer_layout
 from rl.metrics import MetricsLogger
@@ -26,7 +31,9 @@ from rl.warm_start import demo_model_path
 from rollout.sglang_engine import RolloutEngine
 
 
+log = logging.getLogger(__name__)
 EVAL_STREAM_START = 1_000_000_000  # held-out prompts: far beyond any training step's range
+PORT_ATTEMPTS = 3
 
 
 
@@ -45,10 +52,9 @@ class Engines:
         timeout = config.trainer.timeout_s
         pg = colocated_bundles(world, timeout)
         device = resolve_device(config.cluster.device)
-        port = free_port()
         t = config.trainer
         trainer_args = dict(
-            world_size=world, master_addr="127.0.0.1", master_port=port, tensor_parallel_size=t.tensor_parallel_size,
+            world_size=world, master_addr="127.0.0.1", tensor_parallel_size=t.tensor_parallel_size,
             pipeline_parallel_size=t.pipeline_parallel_size, expert_parallel_size=t.expert_parallel_size,
             micro_batch_tokens=t.micro_batch_tokens, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
             optimizer=t.optimizer, muon_momentum=t.muon_momentum, qk_clip_tau=t.qk_clip_tau,
@@ -56,11 +62,13 @@ class Engines:
             lr_decay_steps=config.steps * config.algorithm.updates_per_step, weight_decay=t.weight_decay,
             adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
         trainer_cls = ray.remote(TrainingEngine)
-        trainers = [
-            trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
-                model_path, rank=rank, **trainer_args)
-            for rank in range(world)
-        ]
+
+        def start_trainers() -> list:
+            port = free_port()
+            return [trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
+                model_path, rank=rank, master_port=port, **trainer_args) for rank in range(world)]
+
+        trainers = start_trainers()
         r = config.rollout
         rollout = ray.remote(RolloutEngine).options(
             num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, 0)).remote(
@@ -68,7 +76,20 @@ class Engines:
             max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static,
             seed=config.seed, release_memory_during_train=r.release_memory_during_train)
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
-        ray.get([a.__ray_ready__.remote() for a in [*trainers, rollout]], timeout=timeout)
+        # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
+        # ports too: if it took this one first, the trainers start again on another.
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                ray.get([a.__ray_ready__.remote() for a in trainers], timeout=timeout)
+                break
+            except Exception as exc:
+                for actor in trainers:
+                    ray.kill(actor)
+                if "EADDRINUSE" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                log.warning("trainer rendezvous port taken; starting the trainers again on another")
+                trainers = start_trainers()
+        ray.get(rollout.__ray_ready__.remote(), timeout=timeout)
         s = config.sync
         sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s.transport, int(s.bucket_mb * 2**20),
                                 device, s.timeout_s, s.verify_checksums, s.verify_full)
@@ -219,10 +240,38 @@ class RLLoop:
                       "groups_in_flight": float(len(self.in_flight)),
                       "mixed_version_samples": float(sum(len(set(s.token_versions)) > 1 for s in kept)), **shaping}
 
+    # --- the loop's own state, saved with every checkpoint ---------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step_index": self.step_index, "weight_version": self.weight_version, "next_prompt": self.next_prompt,
+                "in_flight": self.in_flight, "budgets": self.budgets, "default_budget": self.default_budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def save_checkpoint(self, root: str, keep: int) -> str:
+        """Every trainer rank saves model, optimizer, lr schedule and RNG, with the loop's state beside
+        them; the engine's marker file, written last, makes the checkpoint complete. Older complete
+        checkpoints beyond `keep` are removed."""
+        path = os.path.join(root, f"step_{self.step_index:06d}")
+        shutil.rmtree(path, ignore_errors=True)  # an incomplete one, from a run killed while saving
+        self._call_trainers("save_checkpoint", path, extra={"loop": self.state_dict()})
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def resume(self, path: str) -> None:
+        """Load a checkpoint into the trainers and the loop, then push the weights to the engines."""
+        extra = self._call_trainers("load_checkpoint", path)
+        self.load_state_dict(extra["loop"])
+        self.engines.sync.push(self.weight_version)
+
     def step(self) -> dict[str, float]:
         c, timeout = self.config, self.config.trainer.timeout_s
         step_start = time.perf_counter()
         temperature = self.temperature()
+        # the sampler's seed is a function of the step: rollouts do not depend on what came before
+        ray.get(self.engines.rollout.reseed.remote(c.seed * 1_000_003 + self.step_index), timeout=timeout)
 
         t0 = time.perf_counter()
         samples, sampling = self.rollout(temperature)
@@ -282,18 +331,41 @@ class RLLoop:
         return metrics
 
 
+def complete_checkpoints(root: str) -> list[str]:
+    """The complete checkpoints under `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, CHECKPOINT_MARKER))]
+
+
 def run(config: Config, run_dir: str) -> list[dict[str, float]]:
-    """Run `config.steps` RL steps and return their metrics."""
+    """Run (or resume) the RL job up to `config.steps` steps and return the metrics of the steps run."""
     model_path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    k = config.checkpoint
+    root = k.dir or os.path.join(run_dir, "checkpoints")
+    resume_from = k.resume
+    if resume_from == "auto":
+        found = complete_checkpoints(root)
+        resume_from = found[-1] if found else None
     engines = Engines.start(config, model_path)
     try:
         logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
         try:
             loop = RLLoop(config, engines, tokenizer, logger)
-            if config.eval.every:
+            if resume_from is not None:
+                loop.resume(resume_from)
+                logger.resumed_at(loop.step_index)
+                log.info("resumed from %s at step %d", resume_from, loop.step_index)
+            elif config.eval.every:
                 logger.log(0, {"eval_accuracy": loop.evaluate(), "weight_version": 0})
-            return [loop.step() for _ in range(config.steps)]
+            metrics = []
+            while loop.step_index < config.steps:
+                metrics.append(loop.step())
+                if k.every and loop.step_index % k.every == 0:
+                    loop.save_checkpoint(root, k.keep)
+            return metrics
         finally:
             logger.close()
     finally:

@@ -42,6 +42,10 @@ class MetricsLogger:
         if step > 0:
             self.progress.update(self.task, advance=1, description=f"acc {metrics.get('accuracy', 0):.2f}")
 
+    def resumed_at(self, step: int) -> None:
+        """A resumed run starts its progress bar at the checkpoint's step."""
+        self.progress.update(self.task, completed=step)
+
     def close(self) -> None:
         self.progress.stop()
         self.file.close()

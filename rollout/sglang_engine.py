@@ -74,6 +74,13 @@ class RolloutEngine:
             s.weight_version = self.weight_version
         return samples
 
+    def reseed(self, seed: int) -> None:
+        """Seed the sampler in every SGLang worker (through the weight-update API, the one way in; no
+        weights change). The loop does this at the start of each step, so a step's rollouts do not
+        depend on what was sampled before it, and a resumed run repeats them."""
+        sglang_loader.run_loader(self.engine, [(sglang_loader.SEED_KEY, torch.tensor([seed], dtype=torch.int64))],
+                                 sglang_loader.RESEED)
+
     # --- weight updates (driven by checkpoint_engine) ------------------------------------------------
     def begin_update(self) -> None:
         """Open SGLang's weight-update session (0.5.23 requires one around tensor loads)."""

@@ -6,6 +6,8 @@ shared memory on CPU, CUDA IPC on GPU, plus the tensors' names, dtypes, shapes a
 worker maps the buffer, views the tensors in place and hands them to the model's own `load_weights`,
 which shards them for its tensor-parallel rank.
 
+`reseed` seeds the workers' generators at the start of every RL step (see `RolloutEngine.reseed`).
+
 `verify_weights` is the optional full check: it reloads the trainer's tensors through the same
 `load_weights` and reports every parameter whose bytes changed, i.e. that differed after the push.
 Loader exceptions would kill SGLang's worker, so it reports through a file instead of raising.
@@ -23,7 +25,9 @@ BUCKET_KEY = "tandem.bucket"
 REPORT_KEY = "tandem.verify_report"
 LOAD_BUCKET = "rollout.sglang_loader.load_bucket"
 VERIFY_WEIGHTS = "rollout.sglang_loader.verify_weights"
-LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS]
+RESEED = "rollout.sglang_loader.reseed"
+SEED_KEY = "tandem.seed"
+LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS, RESEED]
 
 
 def encode_bucket(handle: bytes, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> torch.Tensor:
@@ -67,19 +71,23 @@ def write_report(named_tensors: dict[str, torch.Tensor], report) -> None:
         json.dump(report, f)
 
 
+def run_loader(engine, named_tensors: list[tuple[str, torch.Tensor]], load_format: str) -> None:
+    """Run the custom loader `load_format` in every worker of an SGLang `engine`, inside the
+    weight-update session SGLang requires."""
+    engine.begin_weight_update()
+    try:
+        ok, message = engine.update_weights_from_tensor(named_tensors, load_format=load_format, flush_cache=False)
+    finally:
+        engine.end_weight_update()
+    if not ok:
+        raise RuntimeError(f"SGLang could not run {load_format}: {message}")
+
+
 def run_reporting(engine, named_tensors: list[tuple[str, torch.Tensor]], load_format: str) -> list:
-    """Run the custom loader `load_format` in every worker of an SGLang `engine`, inside a weight-update
-    session, and return each worker's report (loaders report through files: raising would kill the
-    worker)."""
+    """`run_loader`, returning each worker's report (loaders report through files: raising would kill
+    the worker)."""
     with tempfile.TemporaryDirectory() as report_dir:
-        payload = [*named_tensors, (REPORT_KEY, encode_report_path(report_dir))]
-        engine.begin_weight_update()
-        try:
-            ok, message = engine.update_weights_from_tensor(payload, load_format=load_format, flush_cache=False)
-        finally:
-            engine.end_weight_update()
-        if not ok:
-            raise RuntimeError(f"SGLang could not run {load_format}: {message}")
+        run_loader(engine, [*named_tensors, (REPORT_KEY, encode_report_path(report_dir))], load_format)
         reports = [json.load(open(os.path.join(report_dir, f))) for f in sorted(os.listdir(report_dir))]
     if not reports:
         raise RuntimeError(f"SGLang ran {load_format} but no worker reported")
@@ -96,3 +104,10 @@ def verify_weights(model, named_tensors) -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.load_weights(list(tensors.items()))
     write_report(report, [n for n, p in model.named_parameters() if not torch.equal(_bytes(p.detach()), _bytes(before[n]))])
+
+
+def reseed(model, named_tensors) -> None:
+    """Seed the worker's torch generators (the sampler's): rollouts become a function of the seed, the
+    weights and the requests, so a resumed run samples what the uninterrupted one did."""
+    seed = int(dict(named_tensors)[SEED_KEY].item())
+    torch.manual_seed(seed)

@@ -38,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"budget": {"length_penalty_weight": -0.1}}, "budget.length_penalty_weight"),
     ({"budget": {"toggle_phase_steps": 0}}, "budget.toggle_phase_steps"),
     ({"budget": {"toggle_percentile": 120}}, "budget.toggle_percentile"),
+    ({"checkpoint": {"resume": "/no/such/checkpoint"}}, "checkpoint.resume"),
+    ({"checkpoint": {"every": -1}}, "checkpoint.every"),
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:
