@@ -17,7 +17,8 @@ from checkpoint_engine.transfer import MODES as TRANSPORT_MODES
 from rl.objectives import AGGREGATIONS, OBJECTIVES, OLD_POLICIES, SEQUENCE_LEVEL, ObjectiveSettings
 from rl.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
-from rl.ptx import PTX_FIELDS, load_records
+from rl.data import Family, load_records
+from rl.ptx import PTX_FIELDS
 from rl.temperature import SCHEDULES
 
 
@@ -60,6 +61,27 @@ class TaskConfig:
     digits: int = 2
     reverse_answer: bool = True  # write the sum least-significant digit first (see rl/tasks.py)
     seed: int = 1234
+
+
+@dataclass
+class TaskFamilyConfig:
+    """One task family of the prompt stream (rl/data.py)."""
+    path: Optional[str] = None  # JSONL/JSON, parquet or a `datasets` directory; None: the generated `task`
+    weight: float = 1.0  # share of the stream's prompts
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"  # the reference the verifiable reward checks against
+    type_field: Optional[str] = None  # per-row task type (routes rewards); None: the family's name
+    budget_field: Optional[str] = None  # per-row token budget; None: max_new_tokens below
+    max_new_tokens: Optional[int] = None  # the family's token budget (K2: per task type); None: rollout's
+
+
+@dataclass
+class DataConfig:
+    """The prompt stream: task families mixed by weight. Each value holds TaskFamilyConfig's fields;
+    Hydra adds one with `+data.families.<name>.path=...` (the schema keeps the values untyped because
+    OmegaConf cannot add a key to a dict of dataclasses from the command line; `load_config` types
+    and checks them)."""
+    families: dict[str, Any] = field(default_factory=lambda: {"addition": TaskFamilyConfig()})
 
 
 @dataclass
@@ -198,6 +220,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -225,8 +248,20 @@ def load_config(cfg: DictConfig | dict[str, Any] | None = None) -> Config:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    config.data.families = {name: _family_config(name, raw) for name, raw in config.data.families.items()}
     validate(config)
     return config
+
+
+def _family_config(name: str, raw: Any) -> TaskFamilyConfig:
+    if isinstance(raw, TaskFamilyConfig):
+        return raw
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskFamilyConfig), raw or {}))
+    except Exception as exc:
+        key = getattr(exc, "full_key", None)
+        where = f"data.families.{name}" + (f".{key}" if key else "")
+        raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
 
 
 def _require(ok: bool, field_name: str, why: str, value: Any) -> None:
@@ -356,6 +391,7 @@ def validate(c: Config) -> None:
     _require(w.steps >= 0, "warm_start.steps", "must be >= 0", w.steps)
     _require(w.lr > 0, "warm_start.lr", "must be > 0", w.lr)
 
+    _validate_data(c)
     _require(c.task.name in TASKS, "task.name", f"must be one of {TASKS}", c.task.name)
     _require(1 <= c.task.digits <= 6, "task.digits", "must be in [1, 6]", c.task.digits)
     _require(c.steps >= 0, "steps", "must be >= 0", c.steps)
@@ -364,6 +400,28 @@ def validate(c: Config) -> None:
     _require(c.cluster.device in ("auto", "cpu", "cuda"), "cluster.device", "must be auto, cpu or cuda", c.cluster.device)
     _require(c.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              "must be offline, online or disabled", c.logging.wandb_mode)
+
+
+def _validate_data(c: Config) -> None:
+    _require(len(c.data.families) >= 1, "data.families", "needs at least one task family", c.data.families)
+    for name, f in c.data.families.items():
+        key = f"data.families.{name}"
+        _require(f.weight > 0, f"{key}.weight", "must be > 0", f.weight)
+        _require(f.max_new_tokens is None or 1 <= f.max_new_tokens <= c.rollout.max_total_tokens,
+                 f"{key}.max_new_tokens", "must be in [1, rollout.max_total_tokens] or null", f.max_new_tokens)
+        if f.path is None:
+            continue
+        _require(os.path.exists(f.path), f"{key}.path", "does not exist", f.path)
+        try:
+            rows = load_records(f.path, Family.fields(f), f"{key}.path")
+        except Exception as exc:  # a missing field (named), or a file datasets cannot read
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(message if message.startswith(f"{key}.path:") else f"{key}.path: {message}") from None
+        _require(len(rows) > 0, f"{key}.path", "holds no rows", f.path)
+        if f.budget_field:
+            bad = next((r[f.budget_field] for r in rows if not (isinstance(r[f.budget_field], int)
+                                                                and r[f.budget_field] >= 1)), None)
+            _require(bad is None, f"{key}.budget_field", "every row's budget must be an integer >= 1", bad)
 
 
 def trainer_layout(c: Config) -> ParallelLayout:

@@ -24,6 +24,7 @@ from rl.config import Config, trainer_layout
 from rl.metrics import MetricsLogger
 from rl.ptx import PTXData
 from rl.sample import Sample
+from rl.data import Prompt, PromptSource
 from rl.tasks import AdditionTask
 from rl.temperature import temperature_at
 from rl.training_engine import TrainingEngine, resolve_device
@@ -113,8 +114,9 @@ class Engines:
 class RLLoop:
     def __init__(self, config: Config, engines: Engines, tokenizer, logger: MetricsLogger | None = None):
         self.config, self.engines, self.tokenizer, self.logger = config, engines, tokenizer, logger
-        self.task = AdditionTask(config.task.digits, config.task.seed, config.task.reverse_answer)
-        self.ptx = PTXData(tokenizer, config.ptx.path, self.task, config.seed) if config.ptx.coef > 0 else None
+        self.prompts = PromptSource(config.data, config.task, config.seed)
+        task = AdditionTask(config.task.digits, config.task.seed, config.task.reverse_answer)
+        self.ptx = PTXData(tokenizer, config.ptx.path, task, config.seed) if config.ptx.coef > 0 else None
         self.weight_version = 0  # the engines start from the same checkpoint: version 0
         self.step_index = 0
         self.next_prompt = 0  # position in the task's prompt stream (dynamic sampling reads ahead)
@@ -130,10 +132,11 @@ class RLLoop:
         refs = [getattr(t, method).remote(*args, **kwargs) for t in self.engines.trainers]
         return ray.get(refs, timeout=self.config.trainer.timeout_s)[0]
 
-    def make_samples(self, start: int, num_prompts: int, samples_per_prompt: int) -> list[Sample]:
-        problems = self.task.batch(start, num_prompts)
-        return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference)
-                for i, p in enumerate(problems) for _ in range(samples_per_prompt)]
+    def make_samples(self, prompts: list[Prompt], samples_per_prompt: int) -> list[Sample]:
+        budget = self.config.rollout.max_new_tokens
+        return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference,
+                       task_type=p.task_type, max_new_tokens=p.max_new_tokens or budget)
+                for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
 
     def temperature(self) -> float:
         """This step's sampling temperature (rl/temperature.py)."""
@@ -141,9 +144,10 @@ class RLLoop:
         return temperature_at(self.step_index, r.temperature, r.temperature_end, r.temperature_schedule,
                               r.temperature_decay_steps or self.config.steps)
 
-    def _generate(self, samples: list[Sample], temperature: float, max_new_tokens=None) -> list[Sample]:
-        cap = self.config.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
-        return ray.get(self.engines.rollout.generate.remote(samples, cap, temperature),
+    def _generate(self, samples: list[Sample], temperature: float, caps: Optional[list[int]] = None) -> list[Sample]:
+        """Generate (or continue) each sample, by default up to the rest of its token budget."""
+        caps = caps or [s.max_new_tokens - len(s.response_ids) for s in samples]
+        return ray.get(self.engines.rollout.generate.remote(samples, caps, temperature),
                        timeout=self.config.trainer.timeout_s)
 
     @staticmethod
@@ -154,8 +158,8 @@ class RLLoop:
     def estimate_toggle_budgets(self) -> None:
         """Toggle's budgets from the initial policy: K samples for each of the first prompts of the stream."""
         b, r = self.config.budget, self.config.rollout
-        samples = self._generate(self.make_samples(0, b.toggle_estimate_prompts, r.samples_per_prompt),
-                                 self.temperature())
+        samples = self._generate(self.make_samples(self.prompts.prompts(0, b.toggle_estimate_prompts),
+                                                   r.samples_per_prompt), self.temperature())
         self._score(samples)
         self.budgets, self.default_budget = estimate_budgets(samples, b.toggle_percentile, b.correct_threshold)
 
@@ -174,9 +178,13 @@ class RLLoop:
             apply_length_penalty(samples, b.length_penalty_weight, b.correct_threshold)
         return {"toggle_zeroed": float(zeroed)} if b.toggle else {}
 
-    def evaluate(self) -> float:
-        """Accuracy on held-out prompts (a range of the task stream training never reaches), one sample each."""
-        samples = self._generate(self.make_samples(EVAL_STREAM_START, self.config.eval.prompts, 1), self.temperature())
+    def evaluate(self) -> Optional[float]:
+        """Accuracy on held-out prompts (a range of the generated tasks' streams training never reaches),
+        one sample each; None when no family has held-out prompts."""
+        prompts = self.prompts.held_out(EVAL_STREAM_START, self.config.eval.prompts)
+        if not prompts:
+            return None
+        samples = self._generate(self.make_samples(prompts, 1), self.temperature())
         self._score(samples)
         return sum(float(s.reward) for s in samples) / len(samples)
 
@@ -184,18 +192,18 @@ class RLLoop:
         """Start `fresh` new groups, generate every unfinished response in flight (at most the partial
         rollout segment, within the response budget), and return the groups now complete."""
         r = self.config.rollout
-        for s in self.make_samples(self.next_prompt, fresh, r.samples_per_prompt):
+        for s in self.make_samples(self.prompts.prompts(self.next_prompt, fresh), r.samples_per_prompt):
             s.group_id += self.next_prompt  # unique over the run
             self.in_flight.setdefault(s.group_id, []).append(s)
         self.next_prompt += fresh
         todo = [(g, i) for g, members in self.in_flight.items() for i, s in enumerate(members)
                 if s.finish_reason in ("", "paused")]
         samples = [self.in_flight[g][i] for g, i in todo]
-        caps = [r.max_new_tokens - len(s.response_ids) for s in samples]
+        caps = [s.max_new_tokens - len(s.response_ids) for s in samples]
         if r.partial_segment_tokens:
             caps = [min(cap, r.partial_segment_tokens) for cap in caps]
         for (g, i), s in zip(todo, self._generate(samples, temperature, caps)):
-            if s.finish_reason == "length" and len(s.response_ids) < r.max_new_tokens:
+            if s.finish_reason == "length" and len(s.response_ids) < s.max_new_tokens:
                 s.finish_reason = "paused"  # the segment budget, not the response budget, stopped it
             self.in_flight[g][i] = s
         complete = [g for g, members in self.in_flight.items() if all(m.finish_reason != "paused" for m in members)]
@@ -325,7 +333,9 @@ class RLLoop:
         self.step_index += 1
         every = c.eval.every
         if every and (self.step_index % every == 0 or self.step_index == c.steps):
-            metrics["eval_accuracy"] = self.evaluate()
+            accuracy = self.evaluate()
+            if accuracy is not None:
+                metrics["eval_accuracy"] = accuracy
         if self.logger is not None:
             self.logger.log(self.step_index, metrics)
         return metrics
@@ -358,8 +368,8 @@ def run(config: Config, run_dir: str) -> list[dict[str, float]]:
                 loop.resume(resume_from)
                 logger.resumed_at(loop.step_index)
                 log.info("resumed from %s at step %d", resume_from, loop.step_index)
-            elif config.eval.every:
-                logger.log(0, {"eval_accuracy": loop.evaluate(), "weight_version": 0})
+            elif config.eval.every and (accuracy := loop.evaluate()) is not None:
+                logger.log(0, {"eval_accuracy": accuracy, "weight_version": 0})
             metrics = []
             while loop.step_index < config.steps:
                 metrics.append(loop.step())

@@ -11,24 +11,12 @@ from __future__ import annotations
 import random
 from typing import Optional
 
+from rl.data import load_records
 from rl.sample import Sample
 from rl.tasks import AdditionTask
 
 PTX_FIELDS = ("prompt", "response")
 _TASK_SEED_OFFSET = 104_729  # the task-generated demonstrations: a stream disjoint from the RL prompts
-
-
-def load_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:
-    """Rows of a .jsonl/.json or .parquet file (through HF `datasets`), each with `fields`; a missing
-    field raises ValueError naming `setting` and the field."""
-    import datasets
-
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    table = datasets.load_dataset(kind, data_files=path, split="train")
-    missing = [f for f in fields if f not in table.column_names]
-    if missing:
-        raise ValueError(f"{setting}: {path} has no field {missing[0]!r} (fields: {table.column_names})")
-    return [{f: row[f] for f in fields} for row in table]
 
 
 class PTXData:

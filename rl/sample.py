@@ -13,6 +13,8 @@ class Sample:
     prompt: str
     prompt_ids: list[int]
     reference: str  # the verifiable answer
+    task_type: str = ""  # the prompt's task type (its family's name unless the data says)
+    max_new_tokens: Optional[int] = None  # this response's token budget (per family or prompt; K2)
     response_ids: list[int] = field(default_factory=list)
     response: str = ""
     rollout_logprobs: list[float] = field(default_factory=list)  # from the rollout engine, per response token

@@ -1,6 +1,7 @@
 """Every policy objective drives real RL steps (Ray, Megatron-core, SGLang) for two steps each, in one
 engine session, under a decaying sampling temperature that the trainer's logprobs must follow, with
-the PTX loss on a JSONL of demonstrations and, for one objective, all of budget control."""
+the PTX loss on a JSONL of demonstrations, two task families (one a JSONL prompt set with per-row
+budgets) and, for one objective, all of budget control."""
 import json
 import math
 
@@ -29,6 +30,9 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     from rl.loop import Engines, RLLoop
 
     steps = 2 * len(CASES)
+    prompt_set = tmp_path / "small.jsonl"
+    prompt_set.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1], "kind": "small-sum",
+                                              "budget": 3}) + "\n" for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]))
     demonstrations = tmp_path / "curated.jsonl"  # the PTX data, alongside every objective
     demonstrations.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)[::-1]}) + "\n"
                                       for a, b in [(12, 30), (45, 9), (7, 7), (60, 21)]))
@@ -37,15 +41,20 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
         "rollout": {"prompts_per_step": 8, "samples_per_prompt": 4, "temperature": 1.3, "temperature_end": 0.7},
         "eval": {"every": 0}, "logging": {"wandb_mode": "disabled", "run_dir": str(tmp_path)},
         "ptx": {"coef": 0.1, "path": str(demonstrations), "samples_per_step": 4},
+        # two task families: the generated additions, and a prompt set whose rows carry a type and a budget
+        "data": {"families": {"addition": {}, "small": {"path": str(prompt_set), "budget_field": "budget",
+                                                        "type_field": "kind", "weight": 0.5}}},
     })
     engines = Engines.start(config, demo_model)
     try:
         loop = RLLoop(config, engines, AutoTokenizer.from_pretrained(demo_model))
-        metrics = []
+        metrics, trained = [], []
         for case in CASES:
             loop.config.algorithm = AlgorithmConfig(**case)
             loop.config.budget = BudgetConfig(**BUDGET) if case["objective"] == "ppo_clip" else BudgetConfig()
-            metrics += [(case["objective"], loop.step()), (case["objective"], loop.step())]
+            for _ in range(2):
+                metrics.append((case["objective"], loop.step()))
+                trained += loop.last_samples
     finally:
         engines.shutdown()
         ray.shutdown()
@@ -64,6 +73,9 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     assert len({round(m["loss"], 6) for _, m in metrics}) > len(CASES)  # the objectives differ
     assert [("toggle_zeroed" in m) for objective, m in metrics] == [objective == "ppo_clip" for objective, _ in metrics]
     assert loop.budgets is not None  # estimated once, from the initial policy's samples
+    assert {s.task_type for s in trained} == {"addition", "small-sum"}
+    assert all(len(s.response_ids) <= s.max_new_tokens for s in trained)
+    assert {s.max_new_tokens for s in trained if s.task_type == "small-sum"} == {3}  # the rows' own budget
 
 
 @pytest.mark.integration
