@@ -73,6 +73,10 @@ class TaskFamilyConfig:
     type_field: Optional[str] = None  # per-row task type (routes rewards); None: the family's name
     budget_field: Optional[str] = None  # per-row token budget; None: max_new_tokens below
     max_new_tokens: Optional[int] = None  # the family's token budget (K2: per task type); None: rollout's
+    # The family's own temperature decay (K2: per task type), on the rollout's schedule shape and
+    # steps; None: the rollout's temperatures. temperature_end None with a temperature: constant.
+    temperature: Optional[float] = None
+    temperature_end: Optional[float] = None
 
 
 @dataclass
@@ -409,6 +413,10 @@ def _validate_data(c: Config) -> None:
         _require(f.weight > 0, f"{key}.weight", "must be > 0", f.weight)
         _require(f.max_new_tokens is None or 1 <= f.max_new_tokens <= c.rollout.max_total_tokens,
                  f"{key}.max_new_tokens", "must be in [1, rollout.max_total_tokens] or null", f.max_new_tokens)
+        for name_, value in (("temperature", f.temperature), ("temperature_end", f.temperature_end)):
+            _require(value is None or value > 0, f"{key}.{name_}", "must be > 0 or null", value)
+        _require(f.temperature_end is None or f.temperature is not None, f"{key}.temperature_end",
+                 "needs the family's own start temperature (data.families.<name>.temperature)", f.temperature_end)
         if f.path is None:
             continue
         _require(os.path.exists(f.path), f"{key}.path", "does not exist", f.path)

@@ -135,20 +135,26 @@ class RLLoop:
     def make_samples(self, prompts: list[Prompt], samples_per_prompt: int) -> list[Sample]:
         budget = self.config.rollout.max_new_tokens
         return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference,
-                       task_type=p.task_type, max_new_tokens=p.max_new_tokens or budget)
+                       family=p.family, task_type=p.task_type, max_new_tokens=p.max_new_tokens or budget)
                 for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
 
-    def temperature(self) -> float:
-        """This step's sampling temperature (rl/temperature.py)."""
+    def temperature(self, family: Optional[str] = None) -> float:
+        """This step's sampling temperature (rl/temperature.py): the rollout's schedule, or the family's
+        own when it sets a start temperature (with its own end, or none: constant)."""
         r = self.config.rollout
-        return temperature_at(self.step_index, r.temperature, r.temperature_end, r.temperature_schedule,
+        f = self.config.data.families.get(family) if family else None
+        start, end = (f.temperature, f.temperature_end) if f and f.temperature is not None else (r.temperature,
+                                                                                                r.temperature_end)
+        return temperature_at(self.step_index, start, end, r.temperature_schedule,
                               r.temperature_decay_steps or self.config.steps)
 
-    def _generate(self, samples: list[Sample], temperature: float, caps: Optional[list[int]] = None) -> list[Sample]:
-        """Generate (or continue) each sample, by default up to the rest of its token budget."""
+    def _generate(self, samples: list[Sample], caps: Optional[list[int]] = None) -> list[Sample]:
+        """Generate (or continue) each sample at its family's temperature of this step, by default up to
+        the rest of its token budget."""
+        for s in samples:
+            s.temperature = self.temperature(s.family)
         caps = caps or [s.max_new_tokens - len(s.response_ids) for s in samples]
-        return ray.get(self.engines.rollout.generate.remote(samples, caps, temperature),
-                       timeout=self.config.trainer.timeout_s)
+        return ray.get(self.engines.rollout.generate.remote(samples, caps), timeout=self.config.trainer.timeout_s)
 
     @staticmethod
     def _score(samples: list[Sample]) -> None:
@@ -159,7 +165,7 @@ class RLLoop:
         """Toggle's budgets from the initial policy: K samples for each of the first prompts of the stream."""
         b, r = self.config.budget, self.config.rollout
         samples = self._generate(self.make_samples(self.prompts.prompts(0, b.toggle_estimate_prompts),
-                                                   r.samples_per_prompt), self.temperature())
+                                                   r.samples_per_prompt))
         self._score(samples)
         self.budgets, self.default_budget = estimate_budgets(samples, b.toggle_percentile, b.correct_threshold)
 
@@ -184,11 +190,11 @@ class RLLoop:
         prompts = self.prompts.held_out(EVAL_STREAM_START, self.config.eval.prompts)
         if not prompts:
             return None
-        samples = self._generate(self.make_samples(prompts, 1), self.temperature())
+        samples = self._generate(self.make_samples(prompts, 1))
         self._score(samples)
         return sum(float(s.reward) for s in samples) / len(samples)
 
-    def _generation_round(self, fresh: int, temperature: float) -> list[Sample]:
+    def _generation_round(self, fresh: int) -> list[Sample]:
         """Start `fresh` new groups, generate every unfinished response in flight (at most the partial
         rollout segment, within the response budget), and return the groups now complete."""
         r = self.config.rollout
@@ -202,14 +208,14 @@ class RLLoop:
         caps = [s.max_new_tokens - len(s.response_ids) for s in samples]
         if r.partial_segment_tokens:
             caps = [min(cap, r.partial_segment_tokens) for cap in caps]
-        for (g, i), s in zip(todo, self._generate(samples, temperature, caps)):
+        for (g, i), s in zip(todo, self._generate(samples, caps)):
             if s.finish_reason == "length" and len(s.response_ids) < s.max_new_tokens:
                 s.finish_reason = "paused"  # the segment budget, not the response budget, stopped it
             self.in_flight[g][i] = s
         complete = [g for g, members in self.in_flight.items() if all(m.finish_reason != "paused" for m in members)]
         return [s for g in complete for s in self.in_flight.pop(g)]
 
-    def rollout(self, temperature: float) -> tuple[list[Sample], dict[str, float]]:
+    def rollout(self) -> tuple[list[Sample], dict[str, float]]:
         """Complete `prompts_per_step` groups: generate, score, shape rewards, compute advantages.
 
         Dynamic sampling drops groups whose rewards are all equal and starts more prompts to refill;
@@ -227,7 +233,7 @@ class RLLoop:
             if rounds >= max_rounds and (kept or not self.in_flight):
                 break
             fresh = 0 if rounds >= max_rounds else r.prompts_per_step - len({s.group_id for s in kept}) - len(self.in_flight)
-            complete = self._generation_round(max(0, fresh), temperature)
+            complete = self._generation_round(max(0, fresh))
             rounds += 1
             start = time.perf_counter()
             self._score(complete)
@@ -277,16 +283,15 @@ class RLLoop:
     def step(self) -> dict[str, float]:
         c, timeout = self.config, self.config.trainer.timeout_s
         step_start = time.perf_counter()
-        temperature = self.temperature()
         # the sampler's seed is a function of the step: rollouts do not depend on what came before
         ray.get(self.engines.rollout.reseed.remote(c.seed * 1_000_003 + self.step_index), timeout=timeout)
 
         t0 = time.perf_counter()
-        samples, sampling = self.rollout(temperature)
+        samples, sampling = self.rollout()
         t1 = time.perf_counter()
 
         ray.get(self.engines.rollout.release_memory.remote(), timeout=timeout)
-        old = self._call_trainers("compute_logprobs", samples, temperature)
+        old = self._call_trainers("compute_logprobs", samples)
         mismatch = 0.0
         for s, lp in zip(samples, old):
             s.old_logprobs = lp
@@ -297,8 +302,8 @@ class RLLoop:
             self._call_trainers("reset_optimizer_state")
         groups = len({s.group_id for s in samples})
         ptx = self.ptx.batch(self.step_index, c.ptx.samples_per_step) if self.ptx is not None else []
-        train = self._call_trainers("train_step", samples, c.algorithm, temperature,
-                                    min(c.algorithm.updates_per_step, groups), ptx, c.ptx.coef)
+        train = self._call_trainers("train_step", samples, c.algorithm, min(c.algorithm.updates_per_step, groups),
+                                    ptx, c.ptx.coef)
         t3 = time.perf_counter()
 
         ray.get(self.engines.rollout.resume_memory.remote(), timeout=timeout)
@@ -318,7 +323,9 @@ class RLLoop:
             "logprob_mismatch_max": mismatch,
             "sample_weight_version": min(min(s.token_versions, default=s.weight_version) for s in samples),
             "weight_version": self.weight_version,
-            "temperature": temperature,
+            "temperature": self.temperature(),  # the rollout's schedule; families with their own follow
+            **{f"temperature/{name}": self.temperature(name) for name, f in c.data.families.items()
+               if f.temperature is not None},
             **sampling,
             "rollout_seconds": t1 - t0 - sampling["reward_seconds"],  # every round's generation
             "train_seconds": t3 - t1,

@@ -26,6 +26,7 @@ class MicroBatch:
     weights: torch.Tensor  # [rows] the sample's weight in the minibatch loss (0 for padding rows)
     index: torch.Tensor  # [rows] the sample's position in the minibatch (-1 for padding rows)
     ptx: torch.Tensor  # [rows] 1.0 for PTX demonstrations (NLL), 0.0 for rollouts (the RL objective)
+    temperature: torch.Tensor  # [rows] each sample's sampling temperature (1.0 for padding rows)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -65,7 +66,8 @@ def _pack(part: list[Sample], index: list[int], weights: Optional[torch.Tensor],
     loss_mask = torch.zeros(rows, width - 1)
     old, rollout = torch.zeros(rows, width - 1), torch.zeros(rows, width - 1)
     batch = MicroBatch(tokens, loss_mask, old, rollout, advantages=torch.zeros(rows), weights=torch.zeros(rows),
-                       index=torch.full((rows,), -1, dtype=torch.long), ptx=torch.zeros(rows))
+                       index=torch.full((rows,), -1, dtype=torch.long), ptx=torch.zeros(rows),
+                       temperature=torch.ones(rows))
     for row, (s, i) in enumerate(zip(part, index)):
         tokens[row, : len(s.tokens)] = torch.tensor(s.tokens)
         start, end = len(s.prompt_ids) - 1, len(s.tokens) - 1
@@ -78,4 +80,5 @@ def _pack(part: list[Sample], index: list[int], weights: Optional[torch.Tensor],
         batch.weights[row] = 0.0 if weights is None else weights[i]
         batch.index[row] = i
         batch.ptx[row] = float(s.ptx)
+        batch.temperature[row] = s.temperature
     return batch

@@ -13,7 +13,9 @@ class Sample:
     prompt: str
     prompt_ids: list[int]
     reference: str  # the verifiable answer
+    family: str = ""  # the task family the prompt was drawn from (rl/data.py)
     task_type: str = ""  # the prompt's task type (its family's name unless the data says)
+    temperature: float = 1.0  # the sampling temperature; the trainer's logprobs use the same
     max_new_tokens: Optional[int] = None  # this response's token budget (per family or prompt; K2)
     response_ids: list[int] = field(default_factory=list)
     response: str = ""

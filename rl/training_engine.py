@@ -213,14 +213,14 @@ class TrainingEngine:
         positions = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
         return self.model(input_ids=input_ids, position_ids=positions, attention_mask=None)
 
-    def _token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Logprob of each next token, [batch, seq - 1], from vocab-parallel logits / temperature.
+    def _token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Logprob of each next token, [batch, seq - 1], from vocab-parallel logits / each row's temperature.
 
         Rows of the padded vocabulary get -inf, so the softmax is over the real vocabulary only.
         """
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        logits = logits[:, :-1] / temperature
+        logits = logits[:, :-1] / temperature.to(logits.device, logits.dtype)[:, None, None]
         if self.padded_vocab != self.vocab_size:
             start = self.tp_rank * logits.shape[-1]
             ids = torch.arange(start, start + logits.shape[-1], device=logits.device)
@@ -250,13 +250,14 @@ class TrainingEngine:
                                    width_multiple=self.layout.tensor_parallel_size, uniform=self.layout.pipeline_parallel_size > 1)
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[list[float]]:
-        """Per-response-token logprobs of each sample under the current weights (on every rank)."""
+    def compute_logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        """Per-response-token logprobs of each sample under the current weights, at the sample's
+        sampling temperature (on every rank)."""
         self.ddp.eval()
         batches = self._split(samples)
 
         def collect(batch: MicroBatch, logits):
-            logprobs = self._token_logprobs(logits, batch.tokens, temperature).cpu()
+            logprobs = self._token_logprobs(logits, batch.tokens, batch.temperature).cpu()
             return logits.new_zeros(()), {"index": batch.index, "logprobs": logprobs}
 
         found: dict[int, list[float]] = {}
@@ -271,7 +272,7 @@ class TrainingEngine:
             found.update(part)
         return [found[i] for i in range(len(samples))]
 
-    def compute_gradients(self, samples: list[Sample], objective: ObjectiveSettings, temperature: float = 1.0,
+    def compute_gradients(self, samples: list[Sample], objective: ObjectiveSettings,
                           ptx_coef: float = 0.0) -> dict[str, float]:
         """Forward and backward over `samples` (one minibatch): DP-reduced grads in `main_grad`.
 
@@ -295,7 +296,7 @@ class TrainingEngine:
         undo = len(batches) * self.dp
 
         def loss_func(batch: MicroBatch, logits):
-            logprobs = self._token_logprobs(logits, batch.tokens, temperature)
+            logprobs = self._token_logprobs(logits, batch.tokens, batch.temperature)
             on = lambda t: t.to(logprobs.device)  # noqa: E731
             mask, is_ptx, w = on(batch.loss_mask), on(batch.ptx), on(batch.weights)
             terms = sample_losses(objective, logprobs, on(batch.old_logprobs), on(batch.rollout_logprobs),
@@ -314,8 +315,7 @@ class TrainingEngine:
         return {"loss": totals[0].item(), "ptx_loss": totals[1].item()}
 
     def train_step(self, samples: list[Sample], objective: ObjectiveSettings = ObjectiveSettings(),
-                   temperature: float = 1.0, num_minibatches: int = 1, ptx: Sequence[Sample] = (),
-                   ptx_coef: float = 0.0) -> dict[str, float]:
+                   num_minibatches: int = 1, ptx: Sequence[Sample] = (), ptx_coef: float = 0.0) -> dict[str, float]:
         """One RL iteration: `num_minibatches` optimizer steps over the samples, split by prompt group;
         the PTX demonstrations `ptx` are dealt to the minibatches in turn."""
         start = time.perf_counter()
@@ -325,7 +325,7 @@ class TrainingEngine:
         for n, chunk in enumerate(chunks):
             reset_max_attn_logits([self.model])  # logits seen by logprob/eval passes do not count
             minibatch = [s for s in samples if s.group_id in chunk] + list(ptx[n::num_minibatches])
-            results.append(self.compute_gradients(minibatch, objective, temperature, ptx_coef))
+            results.append(self.compute_gradients(minibatch, objective, ptx_coef))
             norms.append(self._clip_grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             for p in self.model.parameters():

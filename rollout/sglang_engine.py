@@ -52,16 +52,15 @@ class RolloutEngine:
         self.weight_version = 0
         self.can_release_memory = self.device != "cpu" and release_memory_during_train
 
-    def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]],
-                 temperature: float = 1.0) -> list[Sample]:
-        """Generate each sample's response, or continue it from the tokens it already has (a partial
-        rollout resumed under newer weights): appends response ids, rollout logprobs and, per new
-        token, the weight version; sets text, finish reason and the latest weight version.
-        `max_new_tokens`: one cap for all, or one per sample."""
+    def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]]) -> list[Sample]:
+        """Generate each sample's response at its own temperature, or continue it from the tokens it
+        already has (a partial rollout resumed under newer weights): appends response ids, rollout
+        logprobs and, per new token, the weight version; sets text, finish reason and the latest
+        weight version. `max_new_tokens`: one cap for all, or one per sample."""
         caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(samples)
         outputs = self.engine.generate(
             input_ids=[s.tokens for s in samples],
-            sampling_params=[{"temperature": temperature, "max_new_tokens": cap} for cap in caps],
+            sampling_params=[{"temperature": s.temperature, "max_new_tokens": cap} for s, cap in zip(samples, caps)],
             return_logprob=True,
         )
         for s, out in zip(samples, outputs):

@@ -246,7 +246,7 @@ def _generate_with_sglang(model_dir, out_path):
     try:
         samples = [Sample(group_id=i, prompt=p, prompt_ids=engine.tokenizer.encode(p), reference="")
                    for i, p in enumerate(["12+34=", "7+8="])]
-        engine.generate(samples, max_new_tokens=6, temperature=1.0)
+        engine.generate(samples, max_new_tokens=6)  # each sample at its temperature, 1.0
     finally:
         engine.shutdown()
     torch.save(samples, out_path)

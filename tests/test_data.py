@@ -77,6 +77,8 @@ def test_held_out_prompts_come_from_the_generated_families_only(prompt_set):
     ({"budget_field": "question"}, "data.families.set.budget_field: every row's budget must be an integer"),
     ({"weight": 0.0}, "data.families.set.weight: must be > 0"),
     ({"max_new_tokens": 0}, "data.families.set.max_new_tokens: must be in"),
+    ({"temperature": 0.0}, "data.families.set.temperature: must be > 0"),
+    ({"temperature_end": 0.5}, "data.families.set.temperature_end: needs the family's own start temperature"),
 ])
 def test_bad_prompt_sets_are_named_before_anything_starts(prompt_set, family, field):
     fields = {"path": prompt_set, "prompt_field": "question", "answer_field": "solution", **family}

@@ -42,8 +42,9 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
         "eval": {"every": 0}, "logging": {"wandb_mode": "disabled", "run_dir": str(tmp_path)},
         "ptx": {"coef": 0.1, "path": str(demonstrations), "samples_per_step": 4},
         # two task families: the generated additions, and a prompt set whose rows carry a type and a budget
+        # (the prompt set samples at its own constant temperature, mixed in one batch with the others)
         "data": {"families": {"addition": {}, "small": {"path": str(prompt_set), "budget_field": "budget",
-                                                        "type_field": "kind", "weight": 0.5}}},
+                                                        "type_field": "kind", "weight": 0.5, "temperature": 0.8}}},
     })
     engines = Engines.start(config, demo_model)
     try:
@@ -62,8 +63,10 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     for i, (objective, m) in enumerate(metrics):
         assert math.isfinite(m["loss"]) and m["grad_norm"] > 0, (objective, m)
         assert m["weight_version"] == i + 1 and m["sample_weight_version"] == i, (objective, m)
-        # the linear decay from 1.3 to 0.7 over the run, and the trainer computed logprobs at that temperature
+        # the linear decay from 1.3 to 0.7 over the run, and the trainer computed logprobs at each sample's
+        # temperature (the mismatch covers both families' samples)
         assert m["temperature"] == pytest.approx(1.3 - 0.6 * i / steps), (objective, m)
+        assert m["temperature/small"] == pytest.approx(0.8), (objective, m)
         assert m["logprob_mismatch_max"] <= MISMATCH_TOLERANCE, (objective, m)
         assert 0 < m["ptx_loss"] < 20, (objective, m)
     grpo = [m for objective, m in metrics if objective == "grpo"]
@@ -76,6 +79,7 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     assert {s.task_type for s in trained} == {"addition", "small-sum"}
     assert all(len(s.response_ids) <= s.max_new_tokens for s in trained)
     assert {s.max_new_tokens for s in trained if s.task_type == "small-sum"} == {3}  # the rows' own budget
+    assert all(s.temperature == pytest.approx(0.8) for s in trained if s.family == "small")
 
 
 @pytest.mark.integration
