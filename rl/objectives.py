@@ -131,7 +131,8 @@ def sample_losses(s: ObjectiveSettings, logprobs: torch.Tensor, old_logprobs: to
 
 
 def sample_weights(group_ids: list[int], response_lengths: list[int], aggregation: str) -> torch.Tensor:
-    """Each sample's weight in the minibatch loss sum_i w_i * loss_i, for an aggregation of:
+    """Each sample's weight in the minibatch loss sum_i w_i * loss_i (`response_lengths`: the trained
+    tokens of each response), for an aggregation of:
     - group_mean: mean over prompts of the mean over the prompt's samples (1 / (groups * K));
     - sample_mean: mean over samples (1 / B);
     - token_mean: sum of token terms over the batch's generated tokens (1 / N);
@@ -147,7 +148,7 @@ def sample_weights(group_ids: list[int], response_lengths: list[int], aggregatio
     if aggregation == "sample_mean":
         return torch.full((n,), 1.0 / n)
     if aggregation == "token_mean":
-        return torch.full((n,), 1.0 / float(sum(max(1, l) for l in response_lengths)))
+        return torch.full((n,), 1.0 / float(max(1, sum(response_lengths))))
     if aggregation == "sequence_mean_token_mean":
         return 1.0 / (n * lengths)
     raise ValueError(f"unknown loss aggregation {aggregation!r} (one of {AGGREGATIONS})")

@@ -33,3 +33,8 @@ class Sample:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.response_ids
+
+    @property
+    def trained_tokens(self) -> int:
+        """Response tokens in the loss (N of a token mean counts these)."""
+        return int(sum(self.loss_mask)) if self.loss_mask else len(self.response_ids)

@@ -288,7 +288,7 @@ class TrainingEngine:
         rl = [i for i, s in enumerate(samples) if not s.ptx]
         ptx = [i for i, s in enumerate(samples) if s.ptx]
         if rl:
-            weights[rl] = sample_weights([samples[i].group_id for i in rl], [len(samples[i].response_ids) for i in rl],
+            weights[rl] = sample_weights([samples[i].group_id for i in rl], [samples[i].trained_tokens for i in rl],
                                          objective.aggregation)
         if ptx:  # token mean over the demonstrations' response tokens
             weights[ptx] = 1.0 / sum(len(samples[i].response_ids) for i in ptx)

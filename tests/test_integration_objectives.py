@@ -86,7 +86,7 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
 def test_partial_rollouts_continue_paused_responses_under_new_weights(demo_model, tmp_path):
     """K1.5 partial rollouts: a 2-token budget per round, responses of up to 8 tokens. A response paused
     in step n stays in the replay buffer and is completed in step n + 1 by the newly pushed weights; its
-    tokens record both versions."""
+    tokens record both versions, and the older segment is left out of the loss."""
     import ray
     from transformers import AutoTokenizer
 
@@ -97,7 +97,7 @@ def test_partial_rollouts_continue_paused_responses_under_new_weights(demo_model
         # the demo policy answers in 2 to 4 tokens and sometimes rambles to the 8-token budget, so
         # some groups complete in a step's second round while others are still paused
         "rollout": {"prompts_per_step": 8, "samples_per_prompt": 2, "max_new_tokens": 8,
-                    "partial_segment_tokens": 2},
+                    "partial_segment_tokens": 2, "mask_old_segments": True},
         "algorithm": {"max_sampling_rounds": 1},
         "eval": {"every": 0}, "logging": {"wandb_mode": "disabled", "run_dir": str(tmp_path)},
     })
@@ -119,6 +119,7 @@ def test_partial_rollouts_continue_paused_responses_under_new_weights(demo_model
             assert len(s.token_versions) == len(s.response_ids) == len(s.rollout_logprobs) <= 8
             assert s.token_versions == sorted(s.token_versions) and s.token_versions[-1] <= n
             assert s.finish_reason in ("stop", "length")  # trained only once finished (or at the full budget)
+            assert s.loss_mask == [float(v == n) for v in s.token_versions]  # older segments left out
             if n and s.group_id in steps[n - 1][2] and set(s.token_versions) >= {n - 1, n}:
                 carried.append(s)  # paused in step n - 1, completed in step n
         # a group is trained in the step its last response finished in (a sibling may have finished earlier)

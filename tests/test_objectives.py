@@ -276,3 +276,21 @@ def test_toggle_phases_and_budget_by_hand():
     unknown = _responses(0, [5, 7], [1.0, 1.0], "c")  # no budget of its own: the overall one, else none
     assert apply_toggle(unknown, 0, 3, 0.5, budgets, default_budget=overall) == 1
     assert apply_toggle(_responses(0, [5, 7], [1.0, 1.0], "c"), 0, 3, 0.5, budgets) == 0
+
+
+# --- what a sample carries into the micro-batch -------------------------------------------------------
+def test_micro_batches_carry_token_masks_temperatures_and_ptx_rows():
+    """Old segments of a partial rollout left out by `Sample.loss_mask`; each row's temperature and
+    PTX flag; the rollout engine's logprobs beside the trainer's."""
+    from rl.micro_batches import split_micro_batches
+
+    partial = Sample(group_id=0, prompt="", prompt_ids=[5, 6], reference="", response_ids=[7, 8, 9],
+                     token_versions=[3, 3, 4], loss_mask=[0.0, 0.0, 1.0], temperature=0.7,
+                     rollout_logprobs=[-0.1, -0.2, -0.3], old_logprobs=[-0.4, -0.5, -0.6])
+    demo = Sample(group_id=-1, prompt="", prompt_ids=[5], reference="", response_ids=[7, 2], ptx=True)
+    batch, = split_micro_batches([partial, demo], None, dp_size=1, dp_rank=0, token_budget=100)
+    # next-token alignment: response token j of a prompt of length P sits at column P - 1 + j
+    assert batch.loss_mask.tolist() == [[0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+    assert batch.rollout_logprobs[0, 1:].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert batch.old_logprobs[0, 1:].tolist() == pytest.approx([-0.4, -0.5, -0.6])
+    assert batch.temperature.tolist() == pytest.approx([0.7, 1.0]) and batch.ptx.tolist() == [0.0, 1.0]
