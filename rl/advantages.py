@@ -15,7 +15,8 @@ from rl.sample import Sample
 STD_EPS = 1e-4  # added to the std before dividing (TRL's GRPOTrainer uses the same)
 
 
-def _groups(samples: list[Sample]) -> dict[int, list[Sample]]:
+def by_group(samples: list[Sample]) -> dict[int, list[Sample]]:
+    """The samples of each prompt group, in order."""
     groups: dict[int, list[Sample]] = defaultdict(list)
     for s in samples:
         groups[s.group_id].append(s)
@@ -25,7 +26,7 @@ def _groups(samples: list[Sample]) -> dict[int, list[Sample]]:
 def group_advantages(samples: list[Sample], normalize_std: bool = False) -> None:
     """Set each sample's advantage to its reward minus its group's mean reward, divided by the group's
     (unbiased) reward std plus STD_EPS when `normalize_std`."""
-    for members in _groups(samples).values():
+    for members in by_group(samples).values():
         rewards = torch.tensor([float(s.reward) for s in members], dtype=torch.float64)  # type: ignore[arg-type]
         centred = rewards - rewards.mean()
         if normalize_std:
@@ -37,4 +38,4 @@ def group_advantages(samples: list[Sample], normalize_std: bool = False) -> None
 
 def uniform_groups(samples: list[Sample]) -> set[int]:
     """Ids of the groups whose samples all have the same reward (zero advantage everywhere)."""
-    return {g for g, members in _groups(samples).items() if len({float(s.reward) for s in members}) == 1}  # type: ignore[arg-type]
+    return {g for g, members in by_group(samples).items() if len({float(s.reward) for s in members}) == 1}  # type: ignore[arg-type]

@@ -18,14 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from rl.advantages import by_group
 from rl.sample import Sample
-
-
-def _groups(samples: list[Sample]) -> list[list[Sample]]:
-    groups: dict[int, list[Sample]] = defaultdict(list)
-    for s in samples:
-        groups[s.group_id].append(s)
-    return list(groups.values())
 
 
 def _correct(s: Sample, threshold: float) -> bool:
@@ -50,7 +44,7 @@ def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
 
 
 def apply_length_penalty(samples: list[Sample], weight: float, correct_threshold: float = 1.0) -> None:
-    for group in _groups(samples):
+    for group in by_group(samples).values():
         shaped = length_rewards([len(s.response_ids) for s in group], [_correct(s, correct_threshold) for s in group])
         for s, extra in zip(group, shaped):
             s.reward = float(s.reward) + weight * extra  # type: ignore[arg-type]
@@ -89,7 +83,7 @@ def apply_toggle(samples: list[Sample], step: int, phase_steps: int, accuracy_th
     if not toggle_budget_limited(step, phase_steps):
         return 0
     zeroed = 0
-    for group in _groups(samples):
+    for group in by_group(samples).values():
         accuracy = sum(_correct(s, correct_threshold) for s in group) / len(group)
         budget = budgets.get(group[0].prompt, default_budget)
         if accuracy < accuracy_threshold or budget is None:

@@ -360,11 +360,7 @@ def validate(c: Config) -> None:
     _require(p.samples_per_step >= 1, "ptx.samples_per_step", "must be >= 1", p.samples_per_step)
     if p.path is not None:
         _require(os.path.isfile(p.path), "ptx.path", "file does not exist", p.path)
-        try:
-            load_records(p.path, PTX_FIELDS, "ptx.path")
-        except Exception as exc:  # a missing field (named), or a file datasets cannot read
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(message if message.startswith("ptx.path:") else f"ptx.path: {message}") from None
+        _readable_records(p.path, PTX_FIELDS, "ptx.path")
 
     _require(t.optimizer in ("adamw", "muon"), "trainer.optimizer", "must be adamw or muon", t.optimizer)
     _require(0 <= t.muon_momentum < 1, "trainer.muon_momentum", "must be in [0, 1)", t.muon_momentum)
@@ -406,6 +402,16 @@ def validate(c: Config) -> None:
              "must be offline, online or disabled", c.logging.wandb_mode)
 
 
+def _readable_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:
+    """`load_records`, with any failure (a missing field, named; a file datasets cannot read) as a
+    one-line ConfigError naming `setting`."""
+    try:
+        return load_records(path, fields, setting)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(message if message.startswith(f"{setting}:") else f"{setting}: {message}") from None
+
+
 def _validate_data(c: Config) -> None:
     _require(len(c.data.families) >= 1, "data.families", "needs at least one task family", c.data.families)
     for name, f in c.data.families.items():
@@ -420,11 +426,7 @@ def _validate_data(c: Config) -> None:
         if f.path is None:
             continue
         _require(os.path.exists(f.path), f"{key}.path", "does not exist", f.path)
-        try:
-            rows = load_records(f.path, Family.fields(f), f"{key}.path")
-        except Exception as exc:  # a missing field (named), or a file datasets cannot read
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(message if message.startswith(f"{key}.path:") else f"{key}.path: {message}") from None
+        rows = _readable_records(f.path, Family.fields(f), f"{key}.path")
         _require(len(rows) > 0, f"{key}.path", "holds no rows", f.path)
         if f.budget_field:
             bad = next((r[f.budget_field] for r in rows if not (isinstance(r[f.budget_field], int)
