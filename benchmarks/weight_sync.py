@@ -83,7 +83,7 @@ def row_regions(num_receivers: int):
     def regions(meta: TensorMeta) -> list[Region]:
         rows = meta.shape[0]
         bounds = [r * rows // num_receivers for r in range(num_receivers + 1)]
-        return [Region(0, bounds[r], bounds[r + 1] - bounds[r]) for r in range(num_receivers)]
+        return [Region(0, bounds[r], bounds[r + 1] - bounds[r], rows) for r in range(num_receivers)]
     return regions
 
 
@@ -140,8 +140,8 @@ def _worker(rank, world, port, sizes, bucket_bytes, repeats, deliver_mode, out_d
             def produce(bucket):
                 return {name: weights[name] for name in bucket.names()}
 
-            def deliver(bucket, layout, chunk):
-                for meta in layout:
+            def deliver(bucket, layout, chunk, ok):
+                for meta in layout if ok else ():
                     dest[meta.name].copy_(meta.view(chunk))
 
             runs = {}

@@ -38,10 +38,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Region:
-    """The slice [start, start + length) of a full tensor along `dim`."""
+    """The slice [start, start + length) of a full tensor along `dim`, whose full size there is `full`."""
     dim: int
     start: int
     length: int
+    full: int
 
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.narrow(self.dim, self.start, self.length)

@@ -26,15 +26,42 @@ def ipc_handle(tensor: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def engine_delivery(rollouts: list, timeout_s: float) -> Deliver:
-    """Deliver a chunk to rollout engine actors: each loads it in place; the waiter waits for all."""
+# What a rollout engine's loader needs to read one chunk in place: the chunk's IPC handle and, per
+# tensor, (name, dtype, shape, offset, region), region being (dim, start, full size) or None.
+ShardDescriptor = tuple[bytes, list[tuple]]
+
+
+def shard_descriptor(chunk: torch.Tensor, layout: tuple[TensorMeta, ...]) -> ShardDescriptor:
+    tensors = [(m.name, m.dtype, m.shape, m.offset,
+                None if m.region is None else (m.region.dim, m.region.start, m.region.full)) for m in layout]
+    return ipc_handle(chunk), tensors
+
+
+# Starts loading a bucket into an engine from its TP ranks' chunks (one descriptor per rank, or one
+# for all); returns a callable that waits until the engine is done.
+Load = Callable[[list[ShardDescriptor]], Callable[[], None]]
+
+
+def engine_load(rollout, timeout_s: float) -> Load:
+    """Loading through a rollout engine actor (`RolloutEngine.load_bucket`), bounded by the timeout."""
     import ray  # here, not at module level: training processes outside Ray never pay for importing it
 
-    def deliver(bucket: Bucket, layout: tuple[TensorMeta, ...], chunk: torch.Tensor) -> Callable[[], None]:
-        handle = ipc_handle(chunk)
-        tensors = [(m.name, m.dtype, m.shape, m.offset) for m in layout]
-        refs = [r.load_bucket.remote(handle, tensors) for r in rollouts]
-        return lambda: ray.get(refs, timeout=timeout_s)
+    def load(shards: list[ShardDescriptor]) -> Callable[[], None]:
+        ref = rollout.load_bucket.remote(shards)
+        return lambda: ray.get(ref, timeout=timeout_s)
+    return load
+
+
+def engine_delivery(rollouts: list, timeout_s: float) -> Deliver:
+    """Deliver a chunk to rollout engine actors: each loads it in place (all its TP ranks read the same
+    chunk); the waiter waits for all."""
+    loads = [engine_load(r, timeout_s) for r in rollouts]
+
+    def deliver(bucket: Bucket, layout: tuple[TensorMeta, ...], chunk: torch.Tensor, ok: bool):
+        if not ok:
+            return None
+        waiters = [load([shard_descriptor(chunk, layout)]) for load in loads]
+        return lambda: [wait() for wait in waiters]
     return deliver
 
 

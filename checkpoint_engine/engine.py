@@ -1,8 +1,9 @@
 """The driver's side of the checkpoint engine: plan once, push after every update, tear down.
 
 setup: every trainer rank reports the HF tensors it provides; the driver cuts them into buckets (one
-plan shared by every member), starts one `WeightReceiver` beside each rollout engine (not in
-colocated mode) and has all members join the sync group. push(version): opens each engine's
+plan shared by every member), starts `WeightReceiver`s beside each rollout engine (not in colocated
+mode; with reduce_scatter one per engine TP rank, which receives only that rank's shard, else one per
+engine) and has all members join the sync group. push(version): opens each engine's
 weight-update session, runs every member's side of the push at once, closes the session with the new
 version, and optionally checks the engines' weights against the trainer's. A failed push tears the
 group down and names who failed; the next push sets it up again (a dead receiver is replaced).
@@ -10,11 +11,11 @@ group down and names who failed; the next push sets it up again (a dead receiver
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 
-from checkpoint_engine.buckets import Bucket, plan_full, plan_sliced
+from checkpoint_engine.buckets import Bucket, Region, TensorMeta, plan_full, plan_sliced
 from checkpoint_engine.group import SyncError
 from checkpoint_engine.receiver import WeightReceiver
 from rl.cluster import free_port
@@ -30,8 +31,13 @@ def _first_line(exc: BaseException) -> str:
 class CheckpointEngine:
     def __init__(self, trainers: list, rollouts: list, rollout_strategies: list, transport: str,
                  bucket_bytes: int, device: str, timeout_s: float, verify_checksums: bool = True,
-                 verify_full: bool = False):
+                 verify_full: bool = False, rollout_tp_size: int = 1,
+                 tp_regions: Optional[Callable[[TensorMeta], list[Optional[Region]]]] = None):
+        """`tp_regions` (reduce_scatter only): each tensor's region per rollout TP rank
+        (`rollout.tp_shards.region_rule`); with it every engine gets `rollout_tp_size` receivers."""
         self.trainers, self.rollouts, self.rollout_strategies = trainers, rollouts, rollout_strategies
+        self.tp_size = rollout_tp_size if transport == "reduce_scatter" and tp_regions is not None else 1
+        self.tp_regions = tp_regions
         self.transport, self.bucket_bytes, self.device = transport, bucket_bytes, device
         self.timeout_s, self.verify_checksums, self.verify_full = timeout_s, verify_checksums, verify_full
         self.plan: Optional[list[Bucket]] = None
@@ -48,13 +54,20 @@ class CheckpointEngine:
                 tensors.setdefault(m.name, m)
         self.payload_bytes = sum(m.nbytes for m in tensors.values())
         if placed:
-            receivers = len(self.rollouts)
-            return plan_sliced(list(tensors.values()), lambda m: [None] * receivers, receivers, self.bucket_bytes)
+            per_engine = self.tp_regions if self.tp_size > 1 else lambda m: [None]
+            receivers = len(self.rollouts) * self.tp_size
+            return plan_sliced(list(tensors.values()), lambda m: per_engine(m) * len(self.rollouts), receivers,
+                               self.bucket_bytes)
         return plan_full({rank: metas for rank, metas in enumerate(provided) if metas}, self.bucket_bytes)
 
+    def _receiver_slots(self) -> list[tuple[int, int]]:
+        """(engine, TP rank) of each receiver, in group order."""
+        return [(j, t) for j in range(len(self.rollouts)) for t in range(self.tp_size)]
+
     def member_names(self) -> list[str]:
+        tp = lambda t: f" TP rank {t}" if self.tp_size > 1 else ""  # noqa: E731
         return ([f"trainer rank {i}" for i in range(len(self.trainers))]
-                + [f"receiver of rollout engine {j}" for j in range(len(self.receivers))])
+                + [f"receiver of rollout engine {j}{tp(t)}" for j, t in self._receiver_slots()[:len(self.receivers)]])
 
     def setup(self) -> None:
         self.teardown()
@@ -68,8 +81,9 @@ class CheckpointEngine:
                     for i, t in enumerate(self.trainers)]
         else:
             cls = ray.remote(WeightReceiver)
-            self.receivers = [cls.options(num_cpus=0, scheduling_strategy=strategy).remote(rollout, self.timeout_s)
-                              for rollout, strategy in zip(self.rollouts, self.rollout_strategies)]
+            self.receivers = [cls.options(num_cpus=0, scheduling_strategy=self.rollout_strategies[j]).remote(
+                                  self.rollouts[j], self.timeout_s, engine_index=j, tp_rank=t, tp_size=self.tp_size)
+                              for j, t in self._receiver_slots()]
             common.update(world_size=len(self.trainers) + len(self.receivers), member_names=self.member_names())
             members = [*(t.weight_sync_setup for t in self.trainers), *(r.setup for r in self.receivers)]
             refs = [setup.remote(rank=i, **common) for i, setup in enumerate(members)]
@@ -130,6 +144,8 @@ class CheckpointEngine:
             "sync_pack_seconds": max(r.get("pack_seconds", 0.0) for r in sources),
             "sync_transfer_seconds": max(r.get("transfer_seconds", 0.0) for r in results),
             "sync_load_seconds": max(r.get("load_seconds", 0.0) for r in receivers),
+            # what one receiver took in: the whole payload, or one rollout TP rank's shard of it
+            "sync_receiver_bytes": float(max(r.get("bytes_received", 0) for r in receivers)),
             # around the members' pushes: opening and closing the engines' update sessions
             "sync_begin_seconds": begun - start,
             "sync_members_seconds": pushed - begun,

@@ -38,8 +38,10 @@ STATUS_SHIFT = 24  # the status word: (failed bucket index + 1) << STATUS_SHIFT 
 Produce = Callable[[Bucket], dict[str, torch.Tensor]]
 # Hands a received chunk to the engine; may return a callable that waits until the engine is done
 # with the chunk (its slot is not refilled before that).
-# Arguments: the bucket, this receiver's layout of it, and the chunk (data then checksum trailer).
-Deliver = Callable[[Bucket, tuple[TensorMeta, ...], torch.Tensor], Optional[Callable[[], None]]]
+# Arguments: the bucket, this receiver's layout of it, the chunk (data then checksum trailer), and
+# whether it passed its checksum (a failed chunk must not be loaded; the call lets receivers that load
+# together, the TP ranks of one engine, learn of it).
+Deliver = Callable[[Bucket, tuple[TensorMeta, ...], torch.Tensor, bool], Optional[Callable[[], None]]]
 
 
 def _buffer(nbytes: int, device: str) -> torch.Tensor:
@@ -141,10 +143,11 @@ class TransferMember:
         status, waiter = 0, None  # status: this member's rank + 1 on a checksum mismatch
         if self._delivers(bucket):
             chunk, data = self._chunk(bucket, slot)
-            if self.verify and self.mode != "colocated" and not verify_chunk(chunk, data, self.num_sources):
+            ok = not self.verify or self.mode == "colocated" or verify_chunk(chunk, data, self.num_sources)
+            if not ok:
                 status = self.rank + 1
-            elif deliver is not None:
-                waiter = deliver(bucket, bucket.layout(self.receiver or 0), chunk)
+            if deliver is not None:
+                waiter = deliver(bucket, bucket.layout(self.receiver or 0), chunk, ok)
         times["load"] += time.perf_counter() - t1
         if status and not self._status:
             self._status = (bucket.index + 1) << STATUS_SHIFT | status

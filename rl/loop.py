@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import ray
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from checkpoint_engine.engine import CheckpointEngine
 from rewards import exact_match
@@ -30,6 +30,7 @@ from rl.temperature import temperature_at
 from rl.training_engine import TrainingEngine, resolve_device
 from rl.warm_start import demo_model_path
 from rollout.sglang_engine import RolloutEngine
+from rollout.tp_shards import region_rule
 
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ class Engines:
         ray.get(rollout.__ray_ready__.remote(), timeout=timeout)
         s = config.sync
         sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s.transport, int(s.bucket_mb * 2**20),
-                                device, s.timeout_s, s.verify_checksums, s.verify_full)
+                                device, s.timeout_s, s.verify_checksums, s.verify_full,
+                                rollout_tp_size=r.tensor_parallel_size,
+                                tp_regions=region_rule(AutoConfig.from_pretrained(model_path), r.tensor_parallel_size))
         sync.setup()
         return cls(trainers, rollout, sync, pg)
 

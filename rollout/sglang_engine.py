@@ -85,11 +85,12 @@ class RolloutEngine:
         """Open SGLang's weight-update session (0.5.23 requires one around tensor loads)."""
         self.engine.begin_weight_update()
 
-    def load_bucket(self, handle: bytes, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> float:
-        """Load one bucket, read in place from the sender's buffer (`handle`); returns seconds."""
+    def load_bucket(self, shards: list[tuple[bytes, list[tuple]]]) -> float:
+        """Load one bucket, read in place from the receivers' buffers: one (IPC handle, tensors) per TP
+        rank, or one that every rank reads (`checkpoint_engine.endpoint.shard_descriptor`). Seconds."""
         start = time.perf_counter()
         ok, message = self.engine.update_weights_from_tensor(
-            [(sglang_loader.BUCKET_KEY, sglang_loader.encode_bucket(handle, tensors))],
+            [(sglang_loader.BUCKET_KEY, sglang_loader.encode_bucket(shards))],
             load_format=sglang_loader.LOAD_BUCKET, flush_cache=False)
         if not ok:
             raise RuntimeError(f"SGLang could not load a weight bucket: {message}")

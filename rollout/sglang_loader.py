@@ -4,7 +4,8 @@
 tokenizer process: the request carries only a small descriptor (an IPC handle of the bucket buffer:
 shared memory on CPU, CUDA IPC on GPU, plus the tensors' names, dtypes, shapes and offsets); each
 worker maps the buffer, views the tensors in place and hands them to the model's own `load_weights`,
-which shards them for its tensor-parallel rank.
+which shards them for its tensor-parallel rank. With per-TP-rank receivers each rank maps its own
+buffer, which holds only its shard of the split tensors.
 
 `reseed` seeds the workers' generators at the start of every RL step (see `RolloutEngine.reseed`).
 
@@ -15,6 +16,7 @@ Loader exceptions would kill SGLang's worker, so it reports through a file inste
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -30,22 +32,55 @@ SEED_KEY = "tandem.seed"
 LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS, RESEED]
 
 
-def encode_bucket(handle: bytes, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> torch.Tensor:
-    """A bucket descriptor as the uint8 tensor SGLang's weight-update request can carry."""
-    blob = pickle.dumps({"handle": handle, "tensors": tensors})
+def encode_bucket(shards: list[tuple[bytes, list[tuple]]]) -> torch.Tensor:
+    """A bucket descriptor as the uint8 tensor SGLang's weight-update request can carry: one
+    (IPC handle, tensors) per TP rank, or a single one that every rank reads
+    (`checkpoint_engine.endpoint.shard_descriptor`)."""
+    blob = pickle.dumps({"shards": shards})
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
+_scratch: dict[str, torch.Tensor] = {}  # per device: room to rebuild full-shape tensors around shards
+
+
+def _scratch_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
+    buf = _scratch.get(str(device))
+    if buf is None or buf.numel() < nbytes:
+        buf = _scratch[str(device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return buf[:nbytes]
+
+
+def _full_shape(shape, region) -> tuple[int, ...]:
+    dim, _start, full = region
+    return tuple(full if d == dim else n for d, n in enumerate(shape))
+
+
 def _decode(tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """This worker's tensors, viewed in the sender's buffer. A tensor that arrived as this rank's region
+    only is placed into a full-shape tensor whose other entries are never read: SGLang's loader narrows
+    every full tensor to exactly that region (`rollout.tp_shards`)."""
+    from sglang.srt.runtime_context import get_parallel
     from sglang.srt.utils.common import MultiprocessingSerializer
 
-    desc = pickle.loads(tensor.cpu().numpy().tobytes())  # our own descriptor: plain dict of str/int/bytes
-    buffer = MultiprocessingSerializer.deserialize(desc["handle"])  # SGLang's allow-listed unpickler
-    out = []
-    for name, dtype, shape, offset in desc["tensors"]:
+    shards = pickle.loads(tensor.cpu().numpy().tobytes())["shards"]  # our own descriptor: str/int/bytes
+    # the TP rank as SGLang itself picks each rank's payload of a weight-update request
+    handle, tensors = shards[get_parallel().tp_rank] if len(shards) > 1 else shards[0]
+    buffer = MultiprocessingSerializer.deserialize(handle)  # SGLang's allow-listed unpickler
+    views = []
+    for name, dtype, shape, offset, region in tensors:
         dt = getattr(torch, dtype)
-        nbytes = dt.itemsize * int(torch.Size(shape).numel())
-        out.append((name, buffer[offset:offset + nbytes].view(dt).view(shape)))
+        views.append((name, buffer[offset:offset + dt.itemsize * math.prod(shape)].view(dt).view(shape), region))
+    sizes = [v.element_size() * math.prod(_full_shape(v.shape, r)) for _, v, r in views if r is not None]
+    scratch, used, out = _scratch_bytes(sum(-(-n // 64) * 64 for n in sizes), buffer.device), 0, []
+    for name, view, region in views:
+        if region is not None:
+            shape = _full_shape(view.shape, region)
+            nbytes = view.element_size() * math.prod(shape)
+            full = scratch[used:used + nbytes].view(view.dtype).view(shape)
+            used += -(-nbytes // 64) * 64
+            full.narrow(region[0], region[1], view.shape[region[0]]).copy_(view)
+            view = full
+        out.append((name, view))
     return out
 
 

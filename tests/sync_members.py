@@ -35,7 +35,7 @@ def make_plan(mode: str, sources: int, receivers: int):
         if meta.shape[0] % receivers:
             return [None] * receivers
         n = meta.shape[0] // receivers
-        return [Region(0, r * n, n) for r in range(receivers)]
+        return [Region(0, r * n, n, meta.shape[0]) for r in range(receivers)]
     return plan_sliced([m for s in range(sources) for m in owned[s]], rows, receivers, BUCKET)
 
 
@@ -52,9 +52,11 @@ def member(rank, world, sources, mode, port, results, die_at_bucket=None, timeou
         mine = source_tensors(rank) if rank < sources else {}
         got = {}
 
-        def deliver(bucket, layout, chunk):
+        def deliver(bucket, layout, chunk, ok):
             if bucket.index == die_at_bucket:
                 os._exit(17)  # a receiver crashing mid-push
+            if not ok:
+                return
             for name, view in unpack(chunk, layout):  # plain bytes: tensors through a Queue would be shared
                 got[name] = (dtype_name(view.dtype), tuple(view.shape), _bits(view).numpy().tobytes())
 
