@@ -1,4 +1,6 @@
-"""Reward functions. Each takes a response string and the reference answer and returns a float."""
-from rewards.exact_match import exact_match
+"""Rewards: plug-in reward functions (registry.py), how a batch is scored without blocking the loop
+(runner.py, isolation.py), and the built-in rewards: verifiable answers (verifiable.py) and
+instruction-following checks (instructions.py)."""
+from rewards.registry import reward
 
-__all__ = ["exact_match"]
+__all__ = ["reward"]

@@ -6,6 +6,7 @@ names the field, e.g. ``rollout.samples_per_prompt: must be >= 2 (got 1)``.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,6 +21,8 @@ from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
 from rl.data import Family, load_records
 from rl.ptx import PTX_FIELDS
 from rl.temperature import SCHEDULES
+from rewards.registry import resolve
+from rewards.runner import DEFAULT_TASK_TYPE, ISOLATIONS as REWARD_ISOLATIONS, RewardSpec
 
 
 class ConfigError(ValueError):
@@ -72,6 +75,8 @@ class TaskFamilyConfig:
     answer_field: str = "answer"  # the reference the verifiable reward checks against
     type_field: Optional[str] = None  # per-row task type (routes rewards); None: the family's name
     budget_field: Optional[str] = None  # per-row token budget; None: max_new_tokens below
+    # row fields handed to the rewards as `sample.metadata` (instruction checks, unit tests, rubrics)
+    metadata_fields: list[str] = field(default_factory=list)
     max_new_tokens: Optional[int] = None  # the family's token budget (K2: per task type); None: rollout's
     # The family's own temperature decay (K2: per task type), on the rollout's schedule shape and
     # steps; None: the rollout's temperatures. temperature_end None with a temperature: constant.
@@ -195,6 +200,18 @@ class WeightSyncConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """How samples are scored (rewards/): per task type, a list of rewards combined by weight. Each list
+    item holds rewards.runner.RewardSpec's fields (name, weight, per_group, isolation, timeout_s,
+    memory_mb, kwargs); "default" serves the task types not listed. Untyped in the schema for the same
+    reason as data.families; `load_config` types and checks them."""
+    task_types: dict[str, Any] = field(default_factory=lambda: {DEFAULT_TASK_TYPE: [{"name": "exact_match"}]})
+    timeout_s: float = 30.0  # per reward call (one sample, or one group for a per-group reward)
+    concurrency: int = 8  # reward calls in flight at once
+    fallback: float = 0.0  # the score a call that raises, times out or returns NaN/inf gives its samples
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints of the whole run (rl/loop.py): model, optimizer, lr schedule, RNG (per trainer rank),
     and the loop's state (step, weight version, data position, partial-rollout buffer, Toggle budgets)."""
@@ -232,6 +249,7 @@ class Config:
     ptx: PTXConfig = field(default_factory=PTXConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -252,20 +270,57 @@ def load_config(cfg: DictConfig | dict[str, Any] | None = None) -> Config:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    config.data.families = {name: _family_config(name, raw) for name, raw in config.data.families.items()}
+    config.data.families = {name: _typed(TaskFamilyConfig, raw, f"data.families.{name}")
+                            for name, raw in config.data.families.items()}
+    config.rewards.task_types = {name: _reward_specs(name, raw) for name, raw in config.rewards.task_types.items()
+                                 if raw is not None}  # null removes an entry (the default one, say)
     validate(config)
     return config
 
 
-def _family_config(name: str, raw: Any) -> TaskFamilyConfig:
-    if isinstance(raw, TaskFamilyConfig):
+def _typed(schema: type, raw: Any, where: str) -> Any:
+    """A dict from an untyped part of the config, merged onto `schema` (errors name `where`)."""
+    if isinstance(raw, schema):
         return raw
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskFamilyConfig), raw or {}))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw or {}))
     except Exception as exc:
         key = getattr(exc, "full_key", None)
-        where = f"data.families.{name}" + (f".{key}" if key else "")
-        raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{where}{'.' + key if key else ''}: {str(exc).splitlines()[0]}") from None
+
+
+def _reward_specs(task_type: str, raw: Any) -> list[RewardSpec]:
+    where = f"rewards.task_types.{task_type}"
+    if isinstance(raw, (dict, DictConfig, str)) or raw is None:
+        raise ConfigError(f"{where}: must be a list of rewards (got {raw!r})")
+    return [_typed(RewardSpec, {"name": item} if isinstance(item, str) else item, f"{where}[{i}]")
+            for i, item in enumerate(raw)]
+
+
+def _validate_rewards(c: Config) -> None:
+    r = c.rewards
+    _require(r.timeout_s > 0, "rewards.timeout_s", "must be > 0", r.timeout_s)
+    _require(r.concurrency >= 1, "rewards.concurrency", "must be >= 1", r.concurrency)
+    _require(math.isfinite(r.fallback), "rewards.fallback", "must be finite", r.fallback)
+    for task_type, specs in r.task_types.items():
+        _require(len(specs) >= 1, f"rewards.task_types.{task_type}", "needs at least one reward", specs)
+        for i, spec in enumerate(specs):
+            key = f"rewards.task_types.{task_type}[{i}]"
+            try:
+                resolve(spec.name, spec.per_group)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.name: {exc}") from None
+            _require(math.isfinite(spec.weight), f"{key}.weight", "must be finite", spec.weight)
+            _require(spec.isolation in REWARD_ISOLATIONS, f"{key}.isolation", f"must be one of {REWARD_ISOLATIONS}",
+                     spec.isolation)
+            _require(spec.timeout_s is None or spec.timeout_s > 0, f"{key}.timeout_s", "must be > 0 or null",
+                     spec.timeout_s)
+            _require(spec.memory_mb is None or spec.memory_mb > 0, f"{key}.memory_mb", "must be > 0 or null",
+                     spec.memory_mb)
+    if DEFAULT_TASK_TYPE not in r.task_types:
+        untyped = [name for name, f in c.data.families.items() if not f.type_field and name not in r.task_types]
+        _require(not untyped, "rewards.task_types", f"has no rewards for task family {untyped[:1]} and no "
+                 f"'{DEFAULT_TASK_TYPE}' entry", sorted(r.task_types))
 
 
 def _require(ok: bool, field_name: str, why: str, value: Any) -> None:
@@ -392,6 +447,7 @@ def validate(c: Config) -> None:
     _require(w.lr > 0, "warm_start.lr", "must be > 0", w.lr)
 
     _validate_data(c)
+    _validate_rewards(c)
     _require(c.task.name in TASKS, "task.name", f"must be one of {TASKS}", c.task.name)
     _require(1 <= c.task.digits <= 6, "task.digits", "must be in [1, 6]", c.task.digits)
     _require(c.steps >= 0, "steps", "must be >= 0", c.steps)

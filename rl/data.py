@@ -3,7 +3,8 @@
 A family is either the project's generated task (the demo's addition stream, `path` None) or a
 prompt set read from a JSONL/JSON or parquet file, or a directory saved by HF `datasets`, with
 configurable fields for the prompt, the reference answer, the task type (used to route rewards)
-and a per-row token budget. Position n of the run's prompt stream goes to a family drawn with the
+a per-row token budget, and fields passed on to the rewards (`Sample.metadata`: instruction
+checks, unit tests, rubrics). Position n of the run's prompt stream goes to a family drawn with the
 families' weights from a generator seeded by (seed, n); the family's k-th draw takes its k-th
 problem (generated) or row k of a seeded permutation of its rows, one permutation per epoch. Every
 draw is a function of the seed and the position, so a resumed run needs only the position.
@@ -11,8 +12,8 @@ draw is a function of the seed and the position, so a resumed run needs only the
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from rl.tasks import AdditionTask
 
@@ -24,6 +25,7 @@ class Prompt:
     family: str
     task_type: str  # the row's task type, or the family's name
     max_new_tokens: Optional[int] = None  # this prompt's token budget; None: the family's or the rollout's
+    metadata: dict[str, Any] = field(default_factory=dict)  # the row's `metadata_fields`, for rewards
 
 
 def load_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:
@@ -59,7 +61,7 @@ class Family:
     @staticmethod
     def fields(config) -> tuple[str, ...]:
         optional = (config.type_field, config.budget_field)
-        return (config.prompt_field, config.answer_field, *(f for f in optional if f))
+        return (config.prompt_field, config.answer_field, *(f for f in optional if f), *config.metadata_fields)
 
     def _row(self, k: int) -> int:
         epoch, offset = divmod(k, len(self.rows))
@@ -77,7 +79,8 @@ class Family:
         budget = row[c.budget_field] if c.budget_field else None
         return Prompt(str(row[c.prompt_field]), str(row[c.answer_field]), self.name,
                       str(row[c.type_field]) if c.type_field else self.name,
-                      int(budget) if budget is not None else c.max_new_tokens)
+                      int(budget) if budget is not None else c.max_new_tokens,
+                      {f: row[f] for f in c.metadata_fields})
 
 
 class PromptSource:

@@ -15,7 +15,7 @@ import ray
 from transformers import AutoConfig, AutoTokenizer
 
 from checkpoint_engine.engine import CheckpointEngine
-from rewards import exact_match
+from rewards.runner import RewardRunner, part_means
 from rl.advantages import group_advantages, uniform_groups
 from rl.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
 from rl.checkpoint import MARKER as CHECKPOINT_MARKER
@@ -129,6 +129,8 @@ class RLLoop:
         self.last_samples: list[Sample] = []  # the last step's trained samples, for inspection
         self.budgets: Optional[dict[str, int]] = None  # Toggle's per-prompt budgets, estimated once
         self.default_budget: Optional[int] = None  # and over all its prompts, for prompts without their own
+        r = config.rewards
+        self.rewards = RewardRunner(r.task_types, r.timeout_s, r.concurrency, r.fallback)
 
     def _call_trainers(self, method: str, *args, **kwargs):
         """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
@@ -138,7 +140,8 @@ class RLLoop:
     def make_samples(self, prompts: list[Prompt], samples_per_prompt: int) -> list[Sample]:
         budget = self.config.rollout.max_new_tokens
         return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference,
-                       family=p.family, task_type=p.task_type, max_new_tokens=p.max_new_tokens or budget)
+                       family=p.family, task_type=p.task_type, max_new_tokens=p.max_new_tokens or budget,
+                       metadata=dict(p.metadata))
                 for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
 
     def temperature(self, family: Optional[str] = None) -> float:
@@ -159,10 +162,12 @@ class RLLoop:
         caps = caps or [s.max_new_tokens - len(s.response_ids) for s in samples]
         return ray.get(self.engines.rollout.generate.remote(samples, caps), timeout=self.config.trainer.timeout_s)
 
-    @staticmethod
-    def _score(samples: list[Sample]) -> None:
+    def _score(self, samples: list[Sample]) -> dict[str, float]:
+        """Each task type's rewards (rewards/runner.py); shaping starts from the task reward."""
+        metrics = self.rewards.score(samples)
         for s in samples:
-            s.task_reward = s.reward = exact_match(s.response, s.reference)
+            s.reward = s.task_reward
+        return metrics
 
     def estimate_toggle_budgets(self) -> None:
         """Toggle's budgets from the initial policy: K samples for each of the first prompts of the stream."""
@@ -231,7 +236,7 @@ class RLLoop:
         kept: list[Sample] = []
         complete: list[Sample] = []
         rounds = dropped = 0
-        scoring, shaping = 0.0, {}  # type: float, dict[str, float]
+        scoring, shaping, failures = 0.0, {}, {}  # type: float, dict[str, float], dict[str, float]
         while len({s.group_id for s in kept}) < r.prompts_per_step:
             if rounds >= max_rounds and (kept or not self.in_flight):
                 break
@@ -239,7 +244,8 @@ class RLLoop:
             complete = self._generation_round(max(0, fresh))
             rounds += 1
             start = time.perf_counter()
-            self._score(complete)
+            for key, value in self._score(complete).items():
+                failures[key] = failures.get(key, 0.0) + value
             for key, value in self.shape_rewards(complete).items():
                 shaping[key] = shaping.get(key, 0.0) + value
             scoring += time.perf_counter() - start
@@ -255,7 +261,8 @@ class RLLoop:
         return kept, {"sampling_rounds": float(rounds), "groups_dropped": float(dropped),
                       "groups_trained": float(len({s.group_id for s in kept})), "reward_seconds": scoring,
                       "groups_in_flight": float(len(self.in_flight)),
-                      "mixed_version_samples": float(sum(len(set(s.token_versions)) > 1 for s in kept)), **shaping}
+                      "mixed_version_samples": float(sum(len(set(s.token_versions)) > 1 for s in kept)), **shaping,
+                      **failures, **part_means(kept)}
 
     # --- the loop's own state, saved with every checkpoint ---------------------------------------------
     def state_dict(self) -> dict:

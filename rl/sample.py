@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -17,6 +17,7 @@ class Sample:
     task_type: str = ""  # the prompt's task type (its family's name unless the data says)
     temperature: float = 1.0  # the sampling temperature; the trainer's logprobs use the same
     max_new_tokens: Optional[int] = None  # this response's token budget (per family or prompt; K2)
+    metadata: dict[str, Any] = field(default_factory=dict)  # the prompt's data for its rewards (tests, rubrics)
     response_ids: list[int] = field(default_factory=list)
     response: str = ""
     rollout_logprobs: list[float] = field(default_factory=list)  # from the rollout engine, per response token
@@ -24,7 +25,9 @@ class Sample:
     weight_version: int = -1  # version of the weights that generated the response (its latest segment)
     token_versions: list[int] = field(default_factory=list)  # per response token: the weights that sampled it
     loss_mask: list[float] = field(default_factory=list)  # per response token, 0 to leave it out; empty: all in
-    task_reward: Optional[float] = None  # the verifiable score of the response
+    task_reward: Optional[float] = None  # the rewards' weighted score of the response (rewards/runner.py)
+    reward_parts: dict[str, float] = field(default_factory=dict)  # each reward's score and sub-scores, logged
+    reward_failures: list[str] = field(default_factory=list)  # why a reward fell back (timeout, error, NaN)
     reward: Optional[float] = None  # after budget control and length shaping (rl/budget.py): what advantages use
     advantage: Optional[float] = None
     old_logprobs: list[float] = field(default_factory=list)  # trainer's logprobs under pi_old

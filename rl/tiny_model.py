@@ -18,9 +18,9 @@ VOCAB_SIZE = 2 + len(CHARACTERS)
 assert VOCAB_SIZE == 64
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
     vocab = {PAD: 0, EOS: 1}
-    for ch in CHARACTERS:
+    for ch in characters:
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -37,17 +37,19 @@ def create_tiny_qwen2(
     intermediate_size: int,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    characters: str = CHARACTERS,
+    max_position_embeddings: int = 256,
 ) -> str:
     """Write a randomly initialised tiny Qwen2 (fp32 safetensors + tokenizer) to `path`."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(characters)
     config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=2 + len(characters),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         intermediate_size=intermediate_size,
-        max_position_embeddings=256,
+        max_position_embeddings=max_position_embeddings,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie_word_embeddings,

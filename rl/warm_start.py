@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from rewards import exact_match
+from rewards.verifiable import exact_match
 from rl.config import ModelConfig, TaskConfig, WarmStartConfig
 from rl.tasks import AdditionTask, Problem
 from rl.tiny_model import create_tiny_qwen2, save_hf

@@ -1,7 +1,8 @@
 """Every policy objective drives real RL steps (Ray, Megatron-core, SGLang) for two steps each, in one
 engine session, under a decaying sampling temperature that the trainer's logprobs must follow, with
 the PTX loss on a JSONL of demonstrations, two task families (one a JSONL prompt set with per-row
-budgets) and, for one objective, all of budget control."""
+budgets, scored by math-verify beside a reward that hangs and one that raises) and, for one objective,
+all of budget control."""
 import json
 import math
 
@@ -45,6 +46,11 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
         # (the prompt set samples at its own constant temperature, mixed in one batch with the others)
         "data": {"families": {"addition": {}, "small": {"path": str(prompt_set), "budget_field": "budget",
                                                         "type_field": "kind", "weight": 0.5, "temperature": 0.8}}},
+        # the prompt set's type is scored by math-verify; a reward that hangs (in a process, killed at its
+        # timeout) and one that raises ride along at weight 0: their samples get the fallback and a reason
+        "rewards": {"task_types": {"small-sum": [
+            "math_verify", {"name": "tests.reward_plugins:hangs", "isolation": "process", "timeout_s": 0.5, "weight": 0.0},
+            {"name": "tests.reward_plugins:raises", "weight": 0.0}]}},
     })
     engines = Engines.start(config, demo_model)
     try:
@@ -80,6 +86,13 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     assert all(len(s.response_ids) <= s.max_new_tokens for s in trained)
     assert {s.max_new_tokens for s in trained if s.task_type == "small-sum"} == {3}  # the rows' own budget
     assert all(s.temperature == pytest.approx(0.8) for s in trained if s.family == "small")
+    small = [s for s in trained if s.task_type == "small-sum"]
+    for s in small:  # math-verify scored them; the hostile rewards fell back, each with its reason
+        assert s.task_reward == s.reward_parts["math_verify"] and s.reward_parts["tests.reward_plugins:hangs"] == 0.0
+        assert sorted(f.split(":")[1] for f in s.reward_failures) == ["hangs", "raises"], s.reward_failures
+    assert all(s.reward_parts.keys() == {"exact_match"} for s in trained if s.task_type == "addition")
+    with_small = [m for _, m in metrics if "reward/math_verify" in m]
+    assert with_small and all(m["reward_timeouts"] >= 1 and m["reward_failures"] >= 2 for m in with_small)
 
 
 @pytest.mark.integration

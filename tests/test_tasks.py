@@ -2,7 +2,7 @@
 import json
 import os
 
-from rewards import exact_match
+from rewards.verifiable import exact_match
 from rl.tasks import AdditionTask
 
 
