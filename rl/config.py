@@ -6,6 +6,7 @@ names the field, e.g. ``rollout.samples_per_prompt: must be >= 2 (got 1)``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from rl.data import Family, load_records
 from rl.ptx import PTX_FIELDS
 from rl.temperature import SCHEDULES
 from rewards.registry import resolve
+from rewards.self_critique import make_judge
 from rewards.runner import DEFAULT_TASK_TYPE, ISOLATIONS as REWARD_ISOLATIONS, RewardSpec
 
 
@@ -212,6 +214,21 @@ class RewardsConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The closed-loop critic check (rewards/critic_data.py): every `every` steps, pairs of a
+    verified-correct and a verified-wrong response to the same prompt (task reward at or above
+    budget.correct_threshold, or below) from the step's samples of `task_types` go to the judge; its
+    agreement with the verifier is logged (critic_agreement) and the pairs are appended to
+    <run dir>/critic_pairs.jsonl for refining the critic."""
+    every: int = 0  # 0: off
+    task_types: list[str] = field(default_factory=list)  # the task types with verifiable rewards
+    max_pairs: int = 16
+    # rewards.self_critique.make_judge arguments: base_url ("policy": the run's own rollout engine),
+    # model, api, max_tokens, concurrency, request_timeout_s, extra_body
+    judge: dict[str, Any] = field(default_factory=lambda: {"base_url": "policy"})
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints of the whole run (rl/loop.py): model, optimizer, lr schedule, RNG (per trainer rank),
     and the loop's state (step, weight version, data position, partial-rollout buffer, Toggle budgets)."""
@@ -250,6 +267,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -317,6 +335,13 @@ def _validate_rewards(c: Config) -> None:
                      spec.timeout_s)
             _require(spec.memory_mb is None or spec.memory_mb > 0, f"{key}.memory_mb", "must be > 0 or null",
                      spec.memory_mb)
+    k = c.critic
+    _require(k.every >= 0, "critic.every", "must be >= 0", k.every)
+    _require(k.max_pairs >= 1, "critic.max_pairs", "must be >= 1", k.max_pairs)
+    _require(not k.every or k.task_types, "critic.task_types", "must name the task types with verifiable rewards",
+             k.task_types)
+    unknown = sorted(set(k.judge) - set(inspect.signature(make_judge).parameters))
+    _require(not unknown, "critic.judge", f"unknown judge settings {unknown}", dict(k.judge))
     if DEFAULT_TASK_TYPE not in r.task_types:
         untyped = [name for name, f in c.data.families.items() if not f.type_field and name not in r.task_types]
         _require(not untyped, "rewards.task_types", f"has no rewards for task family {untyped[:1]} and no "

@@ -4,6 +4,7 @@ in placement-group bundles; docs/training-signal.md follows one step.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -15,7 +16,9 @@ import ray
 from transformers import AutoConfig, AutoTokenizer
 
 from checkpoint_engine.engine import CheckpointEngine
+from rewards.critic_data import append_jsonl, judge_pairs, verified_pairs
 from rewards.runner import RewardRunner, part_means
+from rewards.self_critique import make_judge, use_policy
 from rl.advantages import group_advantages, uniform_groups
 from rl.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
 from rl.checkpoint import MARKER as CHECKPOINT_MARKER
@@ -131,6 +134,7 @@ class RLLoop:
         self.default_budget: Optional[int] = None  # and over all its prompts, for prompts without their own
         r = config.rewards
         self.rewards = RewardRunner(r.task_types, r.timeout_s, r.concurrency, r.fallback)
+        use_policy(engines.rollout)  # the judge of self-critique rewards and the critic check, by default
 
     def _call_trainers(self, method: str, *args, **kwargs):
         """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
@@ -264,6 +268,21 @@ class RLLoop:
                       "mixed_version_samples": float(sum(len(set(s.token_versions)) > 1 for s in kept)), **shaping,
                       **failures, **part_means(kept)}
 
+    def check_critic(self, samples: list[Sample]) -> dict[str, float]:
+        """Every `critic.every` steps: the judge's agreement with the verifiers on this step's
+        (verified-correct, verified-wrong) pairs; the pairs are appended to the run's critic_pairs.jsonl."""
+        k = self.config.critic
+        if not k.every or self.step_index % k.every:
+            return {}
+        start = time.perf_counter()
+        verifiable = [s for s in samples if s.task_type in k.task_types]
+        pairs = verified_pairs(verifiable, self.config.budget.correct_threshold, k.max_pairs, self.step_index,
+                               seed=self.config.seed + self.step_index)
+        metrics = asyncio.run(judge_pairs(make_judge(**k.judge), pairs)) if pairs else {"critic_pairs": 0.0}
+        if pairs and self.logger is not None:
+            append_jsonl(pairs, os.path.join(os.path.dirname(self.logger.path), "critic_pairs.jsonl"))
+        return {**metrics, "critic_seconds": time.perf_counter() - start}
+
     # --- the loop's own state, saved with every checkpoint ---------------------------------------------
     def state_dict(self) -> dict:
         return {"step_index": self.step_index, "weight_version": self.weight_version, "next_prompt": self.next_prompt,
@@ -298,6 +317,7 @@ class RLLoop:
 
         t0 = time.perf_counter()
         samples, sampling = self.rollout()
+        critic = self.check_critic(samples)
         t1 = time.perf_counter()
 
         ray.get(self.engines.rollout.release_memory.remote(), timeout=timeout)
@@ -337,7 +357,9 @@ class RLLoop:
             **{f"temperature/{name}": self.temperature(name) for name, f in c.data.families.items()
                if f.temperature is not None},
             **sampling,
-            "rollout_seconds": t1 - t0 - sampling["reward_seconds"],  # every round's generation
+            **critic,
+            # every round's generation
+            "rollout_seconds": t1 - t0 - sampling["reward_seconds"] - critic.get("critic_seconds", 0.0),
             "train_seconds": t3 - t1,
             **sync,
             "sync_seconds": t4 - t3,

@@ -73,6 +73,16 @@ class RolloutEngine:
             s.weight_version = self.weight_version
         return samples
 
+    def complete(self, texts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                 regex: Optional[str] = None) -> list[str]:
+        """Plain-text completions with the current weights: the policy judging its own samples
+        (`rewards.self_critique.PolicyJudge`). `regex` constrains the output (SGLang's grammar backend)."""
+        params: dict = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+        if regex:
+            params["regex"] = regex
+        outputs = self.engine.generate(prompt=texts, sampling_params=params)
+        return [o["text"] for o in outputs]
+
     def reseed(self, seed: int) -> None:
         """Seed the sampler in every SGLang worker (through the weight-update API, the one way in; no
         weights change). The loop does this at the start of each step, so a step's rollouts do not
