@@ -6,8 +6,8 @@ as half, (wins + ties / 2) / comparisons; every pair is judged in both orders (p
 out of the win rate); judgments that cannot be parsed (or whose request failed) are counted and left
 out; a response with no parsed comparison scores a neutral 0.5, with 0 in its "comparisons"
 sub-score. The judge is, by default, the current policy itself (`base_url: policy`: the run's own
-SGLang rollout engine with the weights of the last push, one batched request per group), or any server
-with the OpenAI-compatible API (SGLang's `launch_server` serving a frozen judge, vLLM, a hosted
+SGLang rollout engine with the weights of the last push, behind `rollout/openai_gateway.py`), or any
+server with the OpenAI-compatible API (SGLang's `launch_server` serving a frozen judge, vLLM, a hosted
 model), reached with bounded concurrency and a timeout per request.
 
 Rubric bundle: the core and prescriptive rubrics below (after K2 appendix F, in our words), plus the
@@ -117,51 +117,23 @@ class Judge:
 
 
 POLICY = "policy"
-_policy_engine = None  # the run's rollout engine actor, registered by the RL loop (`use_policy`)
+_policy_url: Optional[str] = None  # the run's OpenAI gateway to its rollout engine (`use_policy`)
 
 
-def use_policy(rollout_engine) -> None:
-    global _policy_engine
-    _policy_engine = rollout_engine
-
-
-class PolicyJudge:
-    """The current policy as the judge: the requests made at once (a group's pairs) go to the rollout
-    engine as one batched plain-text generation (`RolloutEngine.complete`, through Ray)."""
-
-    def __init__(self, engine, max_tokens: int = 512, temperature: float = 0.0, timeout_s: float = 60.0,
-                 extra_body: Optional[dict] = None):
-        if engine is None:
-            raise RuntimeError("self_critique: base_url 'policy' needs the RL loop's rollout engine "
-                               "(rewards.self_critique.use_policy); give a judge server's base_url otherwise")
-        self.engine, self.max_tokens, self.temperature, self.timeout_s = engine, max_tokens, temperature, timeout_s
-        self.regex = (extra_body or {}).get("regex")
-        self.pending: list[tuple[str, asyncio.Future]] = []
-
-    async def __call__(self, text: str) -> str:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((text, future))
-        if len(self.pending) == 1:  # the first request of a batch flushes it once the others are queued
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
-        return await future
-
-    async def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        try:
-            ref = self.engine.complete.remote([t for t, _ in batch], self.max_tokens, self.temperature, self.regex)
-            texts = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.timeout_s)
-            for (_, future), text in zip(batch, texts):
-                future.set_result(text)
-        except Exception as exc:  # noqa: BLE001 - each waiting request fails with it (counted unparseable)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+def use_policy(base_url: Optional[str]) -> None:
+    """Register the current policy's OpenAI-compatible endpoint (the RL loop's gateway)."""
+    global _policy_url
+    _policy_url = base_url
 
 
 def make_judge(base_url: str = POLICY, model: str = "default", api: str = "chat", max_tokens: int = 512,
-               concurrency: int = 8, request_timeout_s: float = 60.0, extra_body: Optional[dict] = None):
+               concurrency: int = 8, request_timeout_s: float = 60.0, extra_body: Optional[dict] = None) -> Judge:
+    """A judge at `base_url`, or the current policy ("policy": the run's own rollout engine)."""
     if base_url == POLICY:
-        return PolicyJudge(_policy_engine, max_tokens, 0.0, request_timeout_s, extra_body)
+        if _policy_url is None:
+            raise RuntimeError("self_critique: base_url 'policy' needs the RL loop's gateway to its rollout "
+                               "engine; outside a run give a judge server's base_url")
+        base_url = _policy_url
     return Judge(base_url, model, api, max_tokens, 0.0, request_timeout_s, concurrency, extra_body)
 
 

@@ -33,6 +33,7 @@ from rl.temperature import temperature_at
 from rl.training_engine import TrainingEngine, resolve_device
 from rl.warm_start import demo_model_path
 from rollout.sglang_engine import RolloutEngine
+from rollout.openai_gateway import OpenAIGateway, ray_complete
 from rollout.tp_shards import region_rule
 
 
@@ -134,7 +135,13 @@ class RLLoop:
         self.default_budget: Optional[int] = None  # and over all its prompts, for prompts without their own
         r = config.rewards
         self.rewards = RewardRunner(r.task_types, r.timeout_s, r.concurrency, r.fallback)
-        use_policy(engines.rollout)  # the judge of self-critique rewards and the critic check, by default
+        # The current policy behind an OpenAI-compatible endpoint: the default judge of self-critique
+        # rewards and of the critic check, and reachable by users' reward code (rewards.self_critique).
+        template = (lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                    ) if getattr(tokenizer, "chat_template", None) else None
+        self.gateway = OpenAIGateway(ray_complete(engines.rollout), chat_template=template,
+                                     timeout_s=config.trainer.timeout_s)
+        use_policy(self.gateway.url)
 
     def _call_trainers(self, method: str, *args, **kwargs):
         """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
@@ -401,6 +408,7 @@ def run(config: Config, run_dir: str) -> list[dict[str, float]]:
     engines = Engines.start(config, model_path)
     try:
         logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
+        loop = None
         try:
             loop = RLLoop(config, engines, tokenizer, logger)
             if resume_from is not None:
@@ -417,5 +425,7 @@ def run(config: Config, run_dir: str) -> list[dict[str, float]]:
             return metrics
         finally:
             logger.close()
+            if loop is not None:
+                loop.gateway.close()
     finally:
         engines.shutdown()
