@@ -126,6 +126,11 @@ def use_policy(base_url: Optional[str]) -> None:
     _policy_url = base_url
 
 
+def policy_url() -> Optional[str]:
+    """The current policy's OpenAI-compatible base URL during a run (for users' own judge rewards)."""
+    return _policy_url
+
+
 def make_judge(base_url: str = POLICY, model: str = "default", api: str = "chat", max_tokens: int = 512,
                concurrency: int = 8, request_timeout_s: float = 60.0, extra_body: Optional[dict] = None) -> Judge:
     """A judge at `base_url`, or the current policy ("policy": the run's own rollout engine)."""

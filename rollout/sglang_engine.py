@@ -76,7 +76,7 @@ class RolloutEngine:
     def complete(self, texts: list[str], max_new_tokens: int, temperature: float = 0.0,
                  regex: Optional[str] = None) -> list[str]:
         """Plain-text completions with the current weights: the policy judging its own samples
-        (`rewards.self_critique.PolicyJudge`). `regex` constrains the output (SGLang's grammar backend)."""
+        (`rollout/openai_gateway.py`). `regex` constrains the output (SGLang's grammar backend)."""
         params: dict = {"temperature": temperature, "max_new_tokens": max_new_tokens}
         if regex:
             params["regex"] = regex
