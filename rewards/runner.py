@@ -48,6 +48,13 @@ class _Route:
     spec: RewardSpec
     function: RewardFunction
     timeout_s: float
+    key: str  # its name in reward_parts and metrics: the reward's name, "#i" added when a type lists it twice
+
+
+def _routes(specs: list[RewardSpec], timeout_s: float) -> list[_Route]:
+    names = [s.name for s in specs]
+    return [_Route(s, resolve(s.name, s.per_group), s.timeout_s or timeout_s,
+                   s.name if names.count(s.name) == 1 else f"{s.name}#{i}") for i, s in enumerate(specs)]
 
 
 class RewardRunner:
@@ -55,8 +62,7 @@ class RewardRunner:
                  fallback: float = 0.0):
         """`task_types`: each task type's rewards; "default" serves the types not listed."""
         self.timeout_s, self.concurrency, self.fallback = timeout_s, concurrency, fallback
-        self.routes = {task_type: [_Route(s, resolve(s.name, s.per_group), s.timeout_s or timeout_s) for s in specs]
-                       for task_type, specs in task_types.items()}
+        self.routes = {task_type: _routes(specs, timeout_s) for task_type, specs in task_types.items()}
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="reward")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -102,7 +108,7 @@ class RewardRunner:
 
     async def _call(self, route: _Route, samples: list, semaphore: asyncio.Semaphore) -> None:
         """Score `samples` (a group for a per-group reward, else one sample) and record the outcome."""
-        name = route.spec.name
+        name = route.key
         try:
             async with semaphore:
                 # process isolation kills the child itself at the timeout; this bound is the backstop
@@ -170,12 +176,12 @@ class RewardRunner:
             self._abandon_event_loop()
             for route, group in calls:
                 for s in group:
-                    if route.spec.name not in s.reward_parts:
-                        self._fail(s, route.spec.name, f"the reward event loop did not finish within {deadline:.0f} s "
+                    if route.key not in s.reward_parts:
+                        self._fail(s, route.key, f"the reward event loop did not finish within {deadline:.0f} s "
                                                         "(an async reward that never yields?)")
         for s in samples:
             routes = self._routes_for(s.task_type)
-            s.task_reward = sum(r.spec.weight * s.reward_parts.get(r.spec.name, self.fallback) for r in routes)
+            s.task_reward = sum(r.spec.weight * s.reward_parts.get(r.key, self.fallback) for r in routes)
         failures = [f for s in samples for f in s.reward_failures]
         if failures:
             log.warning("%d reward call(s) fell back to %g; first: %s", len(failures), self.fallback, failures[0])

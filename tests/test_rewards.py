@@ -59,6 +59,16 @@ def test_sync_async_and_per_group_rewards_mix_by_weight_per_task_type():
     assert resolve("test_group_rank").per_group and resolve("test_async_contains").is_async
 
 
+def test_a_reward_listed_twice_with_different_settings_is_kept_apart():
+    checks = lambda pattern: {"checks": [{"type": "regex", "pattern": pattern}]}  # noqa: E731
+    runner = RewardRunner({"default": [RewardSpec("instruction_following", kwargs=checks("4")),
+                                       RewardSpec("instruction_following", weight=0.5, kwargs=checks("5"))]})
+    samples = [make("4")]
+    runner.score(samples)
+    assert samples[0].reward_parts["instruction_following#0"] == 1.0
+    assert samples[0].reward_parts["instruction_following#1"] == 0.0 and samples[0].task_reward == 1.0
+
+
 @pytest.mark.parametrize("isolation", ["thread", "process"])
 def test_hanging_raising_and_nan_rewards_fall_back_with_a_reason(isolation):
     here = "tests.reward_plugins"
