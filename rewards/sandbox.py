@@ -14,7 +14,7 @@ How (Linux, util-linux `unshare` and `setpriv`; the strongest mode the machine a
 - "rlimits" (no namespaces available): resource limits, working directory and environment only; the
   network is NOT isolated (`network_isolated` says so and the code reward logs it).
 Always: CPU seconds, address space, processes, file size (stdout and stderr go to files, so their size
-is bounded too) by setrlimit; a wall-clock limit, after which the process group is killed; an
+is bounded too) set by `prlimit`; a wall-clock limit, after which the process group is killed; an
 environment of PATH, HOME and LANG only; the system Python (`/usr/bin/python3`, run with -I), not the
 project's virtual environment.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -106,15 +105,13 @@ def isolation_mode() -> str:
     return "rlimits"
 
 
-def _set_limits(limits: Limits) -> None:
-    """In the child, before exec: the resource limits every process of the program inherits."""
-    os.setsid()
-    memory, files = limits.memory_mb * 2**20, limits.file_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))  # SIGXCPU, then SIGKILL
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (files, files))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _limits_prefix(limits: Limits) -> list[str]:
+    """util-linux `prlimit` setting the limits every process of the program inherits. A command, not a
+    `preexec_fn`: rewards run in threads, and running Python between fork and exec in a threaded process
+    can deadlock."""
+    return ["prlimit", f"--cpu={limits.cpu_s}:{limits.cpu_s + 1}",  # SIGXCPU, then SIGKILL a second later
+            f"--as={limits.memory_mb * 2**20}", f"--fsize={limits.file_mb * 2**20}", f"--nproc={limits.processes}",
+            "--core=0", "--"]
 
 
 def _status(code: int, stderr: str, timed_out: bool) -> str:
@@ -145,15 +142,18 @@ class Sandbox:
         self.cover = sorted({p for p in cover if p not in ("/", "") and not self.python.startswith(p + "/")})
         if not os.access(self.python, os.X_OK):
             raise FileNotFoundError(f"sandbox: no Python interpreter at {self.python}")
+        if shutil.which("prlimit") is None:
+            raise FileNotFoundError("sandbox: needs util-linux's prlimit (apt install util-linux)")
 
     def _command(self, argv: list[str], limits: Limits) -> list[str]:
         if self.mode == "rlimits":
-            return argv
+            return [*_limits_prefix(limits), *argv]
         prefix = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
         if self.mode == "userns":
             prefix[1:1] = ["--user", "--map-root-user"]
         drop = "1" if self.mode == "namespaces" else "0"
-        return [*prefix, "sh", "-c", _SETUP, "sandbox", drop, str(limits.tmpfs_mb), *self.cover, "--", *argv]
+        return [*_limits_prefix(limits), *prefix, "sh", "-c", _SETUP, "sandbox", drop, str(limits.tmpfs_mb),
+                *self.cover, "--", *argv]
 
     def run(self, argv: list[str], files: Optional[dict[str, str]] = None, stdin: str = "",
             limits: Optional[Limits] = None) -> RunResult:
@@ -173,7 +173,7 @@ class Sandbox:
                 env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if self.mode != "rlimits" else work,
                        "LANG": "C.UTF-8"}
                 proc = subprocess.Popen(self._command(argv, limits), cwd=work, env=env, stdin=subprocess.PIPE,
-                                        stdout=out, stderr=err, preexec_fn=functools.partial(_set_limits, limits))
+                                        stdout=out, stderr=err, start_new_session=True)
                 timed_out = False
                 try:
                     proc.communicate(stdin.encode(), timeout=limits.wall_s)
