@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from rewards.self_critique import judge_prompt, parse_verdict, rubric_bundle
+from rl.advantages import by_group
 
 
 @dataclass
@@ -31,11 +32,8 @@ class CriticPair:
 
 def verified_pairs(samples: list, correct_threshold: float, max_pairs: int, step: int, seed: int = 0) -> list[CriticPair]:
     """Up to `max_pairs` (correct, wrong) pairs from groups holding both, by `task_reward`."""
-    groups: dict[int, list] = {}
-    for s in samples:
-        groups.setdefault(s.group_id, []).append(s)
     pairs = []
-    for members in groups.values():
+    for members in by_group(samples).values():
         right = [s for s in members if s.task_reward >= correct_threshold]
         wrong = [s for s in members if s.task_reward < correct_threshold]
         pairs += [CriticPair(a.prompt, a.response, b.response, a.task_type, step) for a, b in itertools.product(right, wrong)]

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from rewards.isolation import call_in_process
 from rewards.registry import NonFiniteScore, RewardFunction, as_score, resolve
+from rl.advantages import by_group
 
 log = logging.getLogger(__name__)
 DEFAULT_TASK_TYPE = "default"
@@ -49,6 +50,12 @@ class _Route:
     function: RewardFunction
     timeout_s: float
     key: str  # its name in reward_parts and metrics: the reward's name, "#i" added when a type lists it twice
+
+    @property
+    def bound_s(self) -> float:
+        """The longest a call may take: process isolation kills the child itself at the timeout, and
+        this bound, a little later, is the backstop."""
+        return self.timeout_s + (5.0 if self.spec.isolation == "process" else 0.0)
 
 
 def _routes(specs: list[RewardSpec], timeout_s: float) -> list[_Route]:
@@ -111,10 +118,8 @@ class RewardRunner:
         name = route.key
         try:
             async with semaphore:
-                # process isolation kills the child itself at the timeout; this bound is the backstop
-                slack = 5.0 if route.spec.isolation == "process" else 0.0
                 raw = await asyncio.wait_for(self._invoke(route, samples if route.function.per_group else samples[0]),
-                                             route.timeout_s + slack)
+                                             route.bound_s)
             if not self._current():
                 return
             values = list(raw) if route.function.per_group else [raw]
@@ -159,14 +164,12 @@ class RewardRunner:
     def score(self, samples: list) -> dict[str, float]:
         """Fill every sample's task_reward, reward_parts and reward_failures; returns metrics."""
         calls = []
-        by_group: dict[tuple[str, int], list] = defaultdict(list)
         for s in samples:
             s.reward_parts, s.reward_failures = {}, []
-            by_group[(s.task_type, s.group_id)].append(s)
-        for (task_type, _), group in by_group.items():
-            for route in self._routes_for(task_type):
+        for group in by_group(samples).values():  # a group's samples share the prompt, so its task type
+            for route in self._routes_for(group[0].task_type):
                 calls += [(route, group)] if route.function.per_group else [(route, [s]) for s in group]
-        longest = max((r.timeout_s + (5.0 if r.spec.isolation == "process" else 0.0) for r, _ in calls), default=0.0)
+        longest = max((r.bound_s for r, _ in calls), default=0.0)
         deadline = longest * (1 + len(calls) / self.concurrency) + 5.0  # every call queued behind the slowest
         future = asyncio.run_coroutine_threadsafe(self._score_all(calls), self._event_loop())
         try:
