@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, is_dataclass, dataclass, field
 from typing import Optional
 
 from rewards.self_critique import judge_prompt, parse_verdict, rubric_bundle
@@ -62,7 +62,8 @@ async def judge_pairs(judge, pairs: list[CriticPair]) -> dict[str, float]:
             "critic_unparseable": float(2 * len(pairs) - parsed)}
 
 
-def append_jsonl(pairs: list[CriticPair], path: str) -> None:
+def append_jsonl(records: list, path: str) -> None:
+    """Append records (dataclasses or dicts) to a JSONL file, one per line."""
     with open(path, "a") as f:
-        for pair in pairs:
-            f.write(json.dumps(asdict(pair)) + "\n")
+        for record in records:
+            f.write(json.dumps(asdict(record) if is_dataclass(record) else record) + "\n")

@@ -22,7 +22,10 @@ from rl.parallel_layout import LayoutError, ParallelLayout, model_shape
 from rl.data import Family, load_records
 from rl.ptx import PTX_FIELDS
 from rl.temperature import SCHEDULES
+from rl.tiny_model import TOKENIZERS
+from rewards.agentic import ANNEAL_SCHEDULES, PARALLEL_MODES
 from rewards.registry import resolve
+from rollout.environments import BUILTIN as ENVIRONMENTS, environment_class
 from rewards.self_critique import make_judge
 from rewards.runner import DEFAULT_TASK_TYPE, ISOLATIONS as REWARD_ISOLATIONS, RewardSpec
 
@@ -43,6 +46,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 256
+    tokenizer: str = "demo"  # demo: 62 symbols (the addition task's) | printable: printable ASCII (tool calls)
+    max_position_embeddings: int = 256
 
 
 @dataclass
@@ -66,6 +71,10 @@ class TaskConfig:
     digits: int = 2
     reverse_answer: bool = True  # write the sum least-significant digit first (see rl/tasks.py)
     seed: int = 1234
+    # A generated environment task instead (name: calculator | wide_search | deep_search, see
+    # rollout/environments/): its generator's options, which the episode's environment gets too
+    # (e.g. wide_search: kb_seed, entities, items; deep_search: hops; calculator: digits).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,6 +238,57 @@ class CriticConfig:
 
 
 @dataclass
+class SwarmConfig:
+    """PARL agent swarm (rollout/swarm.py, rewards/agentic.py; kimi-rl-spec §8): the trained policy is the
+    orchestrator, with create_subagent/assign_task tools; sub-agents run on their own frozen SGLang
+    engine. Kimi does not disclose the PARL weights, their schedule or the terms' definitions: these
+    defaults are ours (lambda 0.1 is the scale the K2.5 blog gives)."""
+    enabled: bool = False
+    subagent_model: Optional[str] = None  # HF directory of the frozen sub-agents; None: the run's initial policy
+    max_subagents: int = 8  # assignments per episode
+    max_parallel: int = 4  # assignments per orchestrator turn (one stage)
+    orchestrator_env_tools: bool = False  # the orchestrator also gets the environment's tools
+    subagent_temperature: float = 1.0
+    subagent_max_turns: int = 4
+    subagent_max_tokens: int = 256
+    subagent_max_turn_tokens: int = 96
+    max_critical_steps: Optional[int] = None  # the episode's step budget, in critical steps; None: max_turns only
+    budget_penalty: float = 0.0  # added to the reward of an episode stopped by max_critical_steps
+    lambda_parallel: float = 0.1  # lambda1 at step 0 (r_parallel)
+    lambda_finish: float = 0.1  # lambda2 at step 0 (r_finish)
+    anneal_steps: Optional[int] = None  # steps for both to reach 0; None: the whole run
+    anneal_schedule: str = "linear"  # linear | cosine
+    parallel_reward: str = "count"  # count: min(n, cap) / cap | stages: share of stages with >= 2 sub-agents
+    parallel_cap: int = 4
+
+
+@dataclass
+class AgentConfig:
+    """Multi-turn tool-using rollouts (rollout/agent_loop.py): off while `environment` is None. The
+    episode's reward comes from `rewards` (the `environment` reward gives the environment's verdict)."""
+    environment: Optional[str] = None  # calculator | wide_search | deep_search | module:Class
+    environment_options: dict[str, Any] = field(default_factory=dict)  # over task.options, for the environment
+    max_turns: int = 6
+    max_tool_calls: int = 16
+    max_tokens: int = 768  # response tokens per episode, tool results included
+    max_turn_tokens: int = 160
+    max_calls_per_turn: int = 4
+    tool_timeout_s: float = 30.0
+    concurrency: int = 64  # episodes in flight at once
+    # SGLang samples only well-formed tool calls or a final answer (regex from the tools' schemas): lets a
+    # small model explore the tools; Kimi-Researcher trains without a format enforcer (the default).
+    constrain_format: bool = False
+    answer_chars: int = 48  # longest final answer under constrain_format
+    describe_tools: bool = True  # the tools' schemas in the prompt
+    tool_result: str = "\n<tool_response>{result}</tool_response>\n"  # each tool result, as the model sees it
+    # Turn-level partial rollout: what an episode may spend per iteration before it pauses at a turn
+    # boundary and continues next iteration under the new weights (response tokens; seconds). None: off.
+    partial_tokens: Optional[int] = None
+    partial_seconds: Optional[float] = None
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints of the whole run (rl/loop.py): model, optimizer, lr schedule, RNG (per trainer rank),
     and the loop's state (step, weight version, data position, partial-rollout buffer, Toggle budgets)."""
@@ -268,6 +328,7 @@ class Config:
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -276,7 +337,7 @@ class Config:
 
 
 SYNC_TRANSPORTS = TRANSPORT_MODES
-TASKS = ("addition",)
+TASKS = ("addition", *ENVIRONMENTS)
 
 
 def load_config(cfg: DictConfig | dict[str, Any] | None = None) -> Config:
@@ -348,6 +409,49 @@ def _validate_rewards(c: Config) -> None:
                  f"'{DEFAULT_TASK_TYPE}' entry", sorted(r.task_types))
 
 
+def _validate_agent(c: Config) -> None:
+    g, w = c.agent, c.agent.swarm
+    if g.environment is None:
+        _require(not w.enabled, "agent.swarm.enabled", "needs agent.environment (the sub-agents' tools and tasks)",
+                 w.enabled)
+        return
+    try:
+        environment_class(g.environment)
+    except ValueError as exc:
+        raise ConfigError(f"agent.environment: {exc}") from None
+    for name in ("max_turns", "max_tool_calls", "max_tokens", "max_turn_tokens", "max_calls_per_turn", "concurrency",
+                 "answer_chars"):
+        _require(getattr(g, name) >= 1, f"agent.{name}", "must be >= 1", getattr(g, name))
+    _require(g.tool_timeout_s > 0, "agent.tool_timeout_s", "must be > 0", g.tool_timeout_s)
+    _require("{result}" in g.tool_result, "agent.tool_result", "must contain {result}", g.tool_result)
+    _require(g.partial_tokens is None or g.partial_tokens >= 1, "agent.partial_tokens", "must be >= 1 or null",
+             g.partial_tokens)
+    _require(g.partial_seconds is None or g.partial_seconds > 0, "agent.partial_seconds", "must be > 0 or null",
+             g.partial_seconds)
+    _require(c.rollout.partial_segment_tokens is None, "rollout.partial_segment_tokens",
+             "is for single-turn rollouts; agentic episodes pause at turns (agent.partial_tokens)",
+             c.rollout.partial_segment_tokens)
+    if not w.enabled:
+        return
+    if w.subagent_model is not None:
+        _require(os.path.isfile(os.path.join(w.subagent_model, "config.json")), "agent.swarm.subagent_model",
+                 "is not a HuggingFace model directory", w.subagent_model)
+    for name in ("max_subagents", "max_parallel", "subagent_max_turns", "subagent_max_tokens",
+                 "subagent_max_turn_tokens", "parallel_cap"):
+        _require(getattr(w, name) >= 1, f"agent.swarm.{name}", "must be >= 1", getattr(w, name))
+    _require(w.subagent_temperature > 0, "agent.swarm.subagent_temperature", "must be > 0", w.subagent_temperature)
+    _require(w.max_critical_steps is None or w.max_critical_steps >= 1, "agent.swarm.max_critical_steps",
+             "must be >= 1 or null", w.max_critical_steps)
+    for name in ("lambda_parallel", "lambda_finish"):
+        _require(getattr(w, name) >= 0, f"agent.swarm.{name}", "must be >= 0", getattr(w, name))
+    _require(w.anneal_steps is None or w.anneal_steps >= 1, "agent.swarm.anneal_steps", "must be >= 1 or null",
+             w.anneal_steps)
+    _require(w.anneal_schedule in ANNEAL_SCHEDULES, "agent.swarm.anneal_schedule", f"must be one of {ANNEAL_SCHEDULES}",
+             w.anneal_schedule)
+    _require(w.parallel_reward in PARALLEL_MODES, "agent.swarm.parallel_reward", f"must be one of {PARALLEL_MODES}",
+             w.parallel_reward)
+
+
 def _require(ok: bool, field_name: str, why: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{field_name}: {why} (got {value!r})")
@@ -362,7 +466,9 @@ def validate(c: Config) -> None:
                  "has no config.json (expected a HuggingFace model directory)", m.path)
     shape = _model_shape(c)
     heads, kv_heads = shape["num_heads"], shape["num_kv_heads"]
-    for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+    _require(m.tokenizer in TOKENIZERS, "model.tokenizer", f"must be one of {sorted(TOKENIZERS)}", m.tokenizer)
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                 "max_position_embeddings"):
         _require(getattr(m, name) > 0, f"model.{name}", "must be > 0", getattr(m, name))
     _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
              "must be divisible by model.num_attention_heads", m.hidden_size)
@@ -473,6 +579,7 @@ def validate(c: Config) -> None:
 
     _validate_data(c)
     _validate_rewards(c)
+    _validate_agent(c)
     _require(c.task.name in TASKS, "task.name", f"must be one of {TASKS}", c.task.name)
     _require(1 <= c.task.digits <= 6, "task.digits", "must be in [1, 6]", c.task.digits)
     _require(c.steps >= 0, "steps", "must be >= 0", c.steps)

@@ -47,11 +47,20 @@ def load_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]
     return [{f: row[f] for f in fields} for row in table]
 
 
+def generated_task(task):
+    """The generated task of `task` (rl.config.TaskConfig): the demo addition, or an environment's tasks."""
+    if task.name == "addition":
+        return AdditionTask(task.digits, task.seed, task.reverse_answer)
+    from rollout.environments import EnvironmentTask
+
+    return EnvironmentTask(task.name, task.seed, task.options)
+
+
 class Family:
     def __init__(self, name: str, config, task, seed: int):
         """`config`: an rl.config.TaskFamilyConfig; `task`: the rl.config.TaskConfig of the generated task."""
         self.name, self.config, self.seed = name, config, seed
-        self.task = AdditionTask(task.digits, task.seed, task.reverse_answer) if config.path is None else None
+        self.task = generated_task(task) if config.path is None else None
         self.rows = None if config.path is None else load_records(config.path, self.fields(config), self.setting)
 
     @property

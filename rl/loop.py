@@ -33,6 +33,8 @@ from rl.temperature import temperature_at
 from rl.training_engine import TrainingEngine, resolve_device
 from rl.warm_start import demo_model_path
 from rollout.sglang_engine import RolloutEngine
+from rollout.agent_rollout import AgentRollout
+from rollout.agent_trace import for_training
 from rollout.openai_gateway import OpenAIGateway, ray_complete
 from rollout.tp_shards import region_rule
 
@@ -50,6 +52,7 @@ class Engines:
     rollout: object  # the SGLang engine, in bundle 0 beside trainer rank 0
     sync: CheckpointEngine
     placement_group: object
+    subagents: Optional[object] = None  # PARL's frozen sub-agent engine: loaded once, never synced
 
     @classmethod
     def start(cls, config: Config, model_path: str) -> "Engines":
@@ -76,11 +79,17 @@ class Engines:
 
         trainers = start_trainers()
         r = config.rollout
-        rollout = ray.remote(RolloutEngine).options(
-            num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, 0)).remote(
-            model_path, device=device, tensor_parallel_size=r.tensor_parallel_size,
-            max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static,
-            seed=config.seed, release_memory_during_train=r.release_memory_during_train)
+
+        def start_rollout(path: str):
+            return ray.remote(RolloutEngine).options(
+                num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, 0)).remote(
+                path, device=device, tensor_parallel_size=r.tensor_parallel_size,
+                max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static,
+                seed=config.seed, release_memory_during_train=r.release_memory_during_train)
+
+        rollout = start_rollout(model_path)
+        w = config.agent.swarm
+        subagents = start_rollout(w.subagent_model or model_path) if w.enabled else None
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
         # ports too: if it took this one first, the trainers start again on another.
@@ -95,25 +104,26 @@ class Engines:
                     raise
                 log.warning("trainer rendezvous port taken; starting the trainers again on another")
                 trainers = start_trainers()
-        ray.get(rollout.__ray_ready__.remote(), timeout=timeout)
+        ray.get([e.__ray_ready__.remote() for e in (rollout, subagents) if e is not None], timeout=timeout)
         s = config.sync
         sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s.transport, int(s.bucket_mb * 2**20),
                                 device, s.timeout_s, s.verify_checksums, s.verify_full,
                                 rollout_tp_size=r.tensor_parallel_size,
                                 tp_regions=region_rule(AutoConfig.from_pretrained(model_path), r.tensor_parallel_size))
-        sync.setup()
-        return cls(trainers, rollout, sync, pg)
+        sync.setup()  # the sub-agent engine is not among the sync's engines: its weights stay fixed
+        return cls(trainers, rollout, sync, pg, subagents)
 
     def shutdown(self) -> None:
         try:
             self.sync.teardown()
         except Exception:
             pass
+        engines = [e for e in (self.rollout, self.subagents) if e is not None]
         try:
-            ray.get(self.rollout.shutdown.remote(), timeout=60)
+            ray.get([e.shutdown.remote() for e in engines], timeout=60)
         except Exception:
             pass
-        for actor in [*self.trainers, self.rollout]:
+        for actor in [*self.trainers, *engines]:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement_group)
 
@@ -142,6 +152,9 @@ class RLLoop:
         self.gateway = OpenAIGateway(ray_complete(engines.rollout), chat_template=template,
                                      timeout_s=config.trainer.timeout_s)
         use_policy(self.gateway.url)
+        # multi-turn tool episodes instead of single responses (rollout/agent_rollout.py)
+        self.agentic = AgentRollout(config.agent, config.task, tokenizer, engines.rollout, engines.subagents,
+                                    config.trainer.timeout_s) if config.agent.environment else None
 
     def _call_trainers(self, method: str, *args, **kwargs):
         """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
@@ -150,10 +163,14 @@ class RLLoop:
 
     def make_samples(self, prompts: list[Prompt], samples_per_prompt: int) -> list[Sample]:
         budget = self.config.rollout.max_new_tokens
-        return [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt), reference=p.reference,
-                       family=p.family, task_type=p.task_type, max_new_tokens=p.max_new_tokens or budget,
-                       metadata=dict(p.metadata))
-                for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+        samples = [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt),
+                          reference=p.reference, family=p.family, task_type=p.task_type,
+                          max_new_tokens=p.max_new_tokens or budget, metadata=dict(p.metadata))
+                   for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+        if self.agentic is not None:
+            for s in samples:
+                self.agentic.start(s)  # an episode: its environment, tools and prompt
+        return samples
 
     def temperature(self, family: Optional[str] = None) -> float:
         """This step's sampling temperature (rl/temperature.py): the rollout's schedule, or the family's
@@ -165,11 +182,14 @@ class RLLoop:
         return temperature_at(self.step_index, start, end, r.temperature_schedule,
                               r.temperature_decay_steps or self.config.steps)
 
-    def _generate(self, samples: list[Sample], caps: Optional[list[int]] = None) -> list[Sample]:
+    def _generate(self, samples: list[Sample], caps: Optional[list[int]] = None, partial: bool = False) -> list[Sample]:
         """Generate (or continue) each sample at its family's temperature of this step, by default up to
-        the rest of its token budget."""
+        the rest of its token budget; or run (continue) its episode, within this iteration's budget
+        when `partial`."""
         for s in samples:
             s.temperature = self.temperature(s.family)
+        if self.agentic is not None:
+            return self.agentic.run(samples, partial)
         caps = caps or [s.max_new_tokens - len(s.response_ids) for s in samples]
         return ray.get(self.engines.rollout.generate.remote(samples, caps), timeout=self.config.trainer.timeout_s)
 
@@ -201,7 +221,8 @@ class RLLoop:
                                   self.budgets, self.default_budget, b.correct_threshold)
         if b.length_penalty_weight and self.step_index >= b.length_penalty_start_step:
             apply_length_penalty(samples, b.length_penalty_weight, b.correct_threshold)
-        return {"toggle_zeroed": float(zeroed)} if b.toggle else {}
+        parl = self.agentic.shape(samples, self.step_index, self.config.steps) if self.agentic else {}
+        return {**({"toggle_zeroed": float(zeroed)} if b.toggle else {}), **parl}
 
     def evaluate(self) -> Optional[float]:
         """Accuracy on held-out prompts (a range of the generated tasks' streams training never reaches),
@@ -227,8 +248,8 @@ class RLLoop:
         caps = [s.max_new_tokens - len(s.response_ids) for s in samples]
         if r.partial_segment_tokens:
             caps = [min(cap, r.partial_segment_tokens) for cap in caps]
-        for (g, i), s in zip(todo, self._generate(samples, caps)):
-            if s.finish_reason == "length" and len(s.response_ids) < s.max_new_tokens:
+        for (g, i), s in zip(todo, self._generate(samples, caps, partial=True)):
+            if s.agent is None and s.finish_reason == "length" and len(s.response_ids) < s.max_new_tokens:
                 s.finish_reason = "paused"  # the segment budget, not the response budget, stopped it
             self.in_flight[g][i] = s
         complete = [g for g, members in self.in_flight.items() if all(m.finish_reason != "paused" for m in members)]
@@ -243,7 +264,8 @@ class RLLoop:
         groups are in flight (then no new prompts start, so it ends). Groups still paused stay in the
         replay buffer for the next step."""
         r, a = self.config.rollout, self.config.algorithm
-        max_rounds = a.max_sampling_rounds if (a.filter_uniform_groups or r.partial_segment_tokens) else 1
+        partial = r.partial_segment_tokens or self.config.agent.partial_tokens or self.config.agent.partial_seconds
+        max_rounds = a.max_sampling_rounds if (a.filter_uniform_groups or partial) else 1
         kept: list[Sample] = []
         complete: list[Sample] = []
         rounds = dropped = 0
@@ -265,9 +287,10 @@ class RLLoop:
             kept += [s for s in complete if s.group_id not in uniform]
         if not kept:
             kept = complete
-        if r.mask_old_segments:
+        if r.mask_old_segments:  # (tool results stay out)
             for s in kept:
-                s.loss_mask = [float(v == self.weight_version) for v in s.token_versions]
+                s.loss_mask = [float(v == self.weight_version) * (s.loss_mask[j] if s.loss_mask else 1.0)
+                               for j, v in enumerate(s.token_versions)]
         group_advantages(kept, normalize_std=a.std_normalized)
         return kept, {"sampling_rounds": float(rounds), "groups_dropped": float(dropped),
                       "groups_trained": float(len({s.group_id for s in kept})), "reward_seconds": scoring,
@@ -320,7 +343,8 @@ class RLLoop:
         c, timeout = self.config, self.config.trainer.timeout_s
         step_start = time.perf_counter()
         # the sampler's seed is a function of the step: rollouts do not depend on what came before
-        ray.get(self.engines.rollout.reseed.remote(c.seed * 1_000_003 + self.step_index), timeout=timeout)
+        engines = [e for e in (self.engines.rollout, self.engines.subagents) if e is not None]
+        ray.get([e.reseed.remote(c.seed * 1_000_003 + self.step_index) for e in engines], timeout=timeout)
 
         t0 = time.perf_counter()
         samples, sampling = self.rollout()
@@ -328,18 +352,21 @@ class RLLoop:
         t1 = time.perf_counter()
 
         ray.get(self.engines.rollout.release_memory.remote(), timeout=timeout)
-        old = self._call_trainers("compute_logprobs", samples)
+        batch = for_training(samples)  # tokens, masks, rewards: no agent traces, no sub-agent trajectories
+        old = self._call_trainers("compute_logprobs", batch)
         mismatch = 0.0
-        for s, lp in zip(samples, old):
-            s.old_logprobs = lp
-            # on the tokens the current weights sampled (older segments of partial rollouts differ by design)
-            mismatch = max([mismatch, *(abs(a - b) for a, b, v in zip(lp, s.rollout_logprobs, s.token_versions)
-                                        if v == self.weight_version)])
+        for s, b, lp in zip(samples, batch, old):
+            s.old_logprobs = b.old_logprobs = lp
+            # on the tokens the current weights sampled (older segments of partial rollouts differ by design;
+            # tool results were not sampled)
+            mask = s.loss_mask or [1.0] * len(lp)
+            mismatch = max([mismatch, *(abs(a - b) for a, b, v, m in zip(lp, s.rollout_logprobs, s.token_versions, mask)
+                                        if v == self.weight_version and m)])
         if c.algorithm.reset_optimizer_each_step:
             self._call_trainers("reset_optimizer_state")
         groups = len({s.group_id for s in samples})
         ptx = self.ptx.batch(self.step_index, c.ptx.samples_per_step) if self.ptx is not None else []
-        train = self._call_trainers("train_step", samples, c.algorithm, min(c.algorithm.updates_per_step, groups),
+        train = self._call_trainers("train_step", batch, c.algorithm, min(c.algorithm.updates_per_step, groups),
                                     ptx, c.ptx.coef)
         t3 = time.perf_counter()
 
@@ -365,6 +392,7 @@ class RLLoop:
                if f.temperature is not None},
             **sampling,
             **critic,
+            **(self.agentic.metrics(samples) if self.agentic else {}),
             # every round's generation
             "rollout_seconds": t1 - t0 - sampling["reward_seconds"] - critic.get("critic_seconds", 0.0),
             "train_seconds": t3 - t1,
@@ -376,6 +404,9 @@ class RLLoop:
             if key in train:
                 metrics[key] = train[key]
         self.last_samples = samples
+        if self.agentic is not None and self.logger is not None:
+            append_jsonl(self.agentic.subagent_records(samples, self.step_index),
+                         os.path.join(os.path.dirname(self.logger.path), "subagents.jsonl"))
         self.step_index += 1
         every = c.eval.every
         if every and (self.step_index % every == 0 or self.step_index == c.steps):

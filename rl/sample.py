@@ -32,6 +32,9 @@ class Sample:
     advantage: Optional[float] = None
     old_logprobs: list[float] = field(default_factory=list)  # trainer's logprobs under pi_old
     ptx: bool = False  # a curated demonstration for the PTX loss (trained by NLL), not a rollout
+    # an agentic episode's rollout.agent_trace.AgentTrace (turns, tools, sub-agents, environment); None
+    # otherwise. Tool results sit in response_ids with loss_mask 0; the trainers never see the trace.
+    agent: Any = None
 
     @property
     def tokens(self) -> list[int]:

@@ -6,6 +6,7 @@ weights are a seeded random init of `transformers.Qwen2ForCausalLM`.
 from __future__ import annotations
 
 import os
+import string
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -16,6 +17,9 @@ PAD, EOS = "<pad>", "<eos>"
 CHARACTERS = "0123456789+-*=?:,. " + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQ"
 VOCAB_SIZE = 2 + len(CHARACTERS)
 assert VOCAB_SIZE == 64
+# what agentic tasks need besides: JSON tool calls, <tool_call> markup, newlines
+PRINTABLE = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
+TOKENIZERS = {"demo": CHARACTERS, "printable": PRINTABLE}
 
 
 def build_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 from rewards.verifiable import exact_match
 from rl.config import ModelConfig, TaskConfig, WarmStartConfig
 from rl.tasks import AdditionTask, Problem
-from rl.tiny_model import create_tiny_qwen2, save_hf
+from rl.tiny_model import TOKENIZERS, create_tiny_qwen2, save_hf
 
 log = logging.getLogger(__name__)
 _RECIPE_VERSION = 3  # bump when this recipe changes, to invalidate cached models
@@ -43,7 +43,8 @@ def demo_model_path(model: ModelConfig, warm: WarmStartConfig, task: TaskConfig)
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     create_tiny_qwen2(tmp, model.hidden_size, model.num_layers, model.num_attention_heads,
-                      model.num_key_value_heads, model.intermediate_size, seed=task.seed)
+                      model.num_key_value_heads, model.intermediate_size, seed=task.seed,
+                      characters=TOKENIZERS[model.tokenizer], max_position_embeddings=model.max_position_embeddings)
     stream = AdditionTask(task.digits, task.seed + _WARM_START_SEED_OFFSET, task.reverse_answer)
     report = warm_start(tmp, warm, stream)
     with open(os.path.join(tmp, "warm_start.json"), "w") as f:

@@ -18,9 +18,10 @@ import time
 import uuid
 from typing import Any, Callable, Optional
 
+from rollout.batching import Batcher
+
 # (texts, max_new_tokens, temperature, regex) -> a future of the completions, in order
 Complete = Callable[[list[str], int, float, Optional[str]], concurrent.futures.Future]
-BATCH_WAIT_S = 0.005  # how long a batch stays open for requests arriving together
 
 
 def ray_complete(rollout_engine) -> Complete:
@@ -36,7 +37,8 @@ class OpenAIGateway:
 
         self.complete, self.model_name, self.timeout_s = complete, model_name, timeout_s
         self.chat_template = chat_template or (lambda messages: "\n".join(str(m.get("content", "")) for m in messages))
-        self.queue: Optional[asyncio.Queue] = None
+        # requests with the same settings that arrive together become one generation
+        self.batcher = Batcher(lambda settings, prompts: complete(prompts, *settings), timeout_s)
         sock = socket.socket()
         sock.bind((host, 0))
         self.url = f"http://{host}:{sock.getsockname()[1]}/v1"
@@ -54,38 +56,9 @@ class OpenAIGateway:
         self.server.should_exit = True
         self.thread.join(10)
 
-    # --- batching ----------------------------------------------------------------------------------
     async def _generate(self, prompt: str, body: dict) -> str:
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._batcher())
-        future = asyncio.get_running_loop().create_future()
         settings = (int(body.get("max_tokens") or 256), float(body.get("temperature", 1.0)), body.get("regex"))
-        await self.queue.put((prompt, settings, future))
-        return await asyncio.wait_for(future, self.timeout_s)
-
-    async def _batcher(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            await asyncio.sleep(BATCH_WAIT_S)
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            groups: dict[tuple, list] = {}
-            for prompt, settings, future in batch:
-                groups.setdefault(settings, []).append((prompt, future))
-            for settings, items in groups.items():
-                asyncio.get_running_loop().create_task(self._run(settings, items))
-
-    async def _run(self, settings: tuple, items: list) -> None:
-        try:
-            texts = await asyncio.wrap_future(self.complete([p for p, _ in items], *settings))
-            for (_, future), text in zip(items, texts):
-                if not future.done():
-                    future.set_result(text)
-        except Exception as exc:  # noqa: BLE001 - every request of the batch fails with it
-            for _, future in items:
-                if not future.done():
-                    future.set_exception(exc)
+        return await self.batcher.submit(prompt, key=settings)
 
     # --- the HTTP API --------------------------------------------------------------------------------
     def _app(self):

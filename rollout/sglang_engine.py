@@ -73,6 +73,20 @@ class RolloutEngine:
             s.weight_version = self.weight_version
         return samples
 
+    def generate_turns(self, requests: list[dict]) -> list[dict]:
+        """One agent turn per request, token-in/token-out: each request has `input_ids`, `max_new_tokens`,
+        `temperature` and optionally `regex`; each result the sampled `output_ids` (a final EOS
+        included), their `logprobs`, `finish_reason`, `text` and the engine's `weight_version`."""
+        params = [{"temperature": r["temperature"], "max_new_tokens": r["max_new_tokens"],
+                   **({"regex": r["regex"]} if r.get("regex") else {})} for r in requests]
+        outputs = self.engine.generate(input_ids=[r["input_ids"] for r in requests], sampling_params=params,
+                                       return_logprob=True)
+        return [{"output_ids": list(o["output_ids"]),
+                 "logprobs": [lp for lp, _tok, _text in o["meta_info"]["output_token_logprobs"]],
+                 "finish_reason": o["meta_info"]["finish_reason"]["type"],
+                 "text": self.tokenizer.decode(o["output_ids"], skip_special_tokens=True),
+                 "weight_version": self.weight_version} for o in outputs]
+
     def complete(self, texts: list[str], max_new_tokens: int, temperature: float = 0.0,
                  regex: Optional[str] = None) -> list[str]:
         """Plain-text completions with the current weights: the policy judging its own samples
