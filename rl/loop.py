@@ -57,9 +57,11 @@ class Engines:
     @classmethod
     def start(cls, config: Config, model_path: str) -> "Engines":
         world = trainer_layout(config).world_size
-        start_ray(config.cluster, num_bundles=world)
+        w = config.agent.swarm
+        bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
+        start_ray(config.cluster, num_bundles=bundles)
         timeout = config.trainer.timeout_s
-        pg = colocated_bundles(world, timeout)
+        pg = colocated_bundles(bundles, timeout)
         device = resolve_device(config.cluster.device)
         t = config.trainer
         trainer_args = dict(
@@ -80,16 +82,15 @@ class Engines:
         trainers = start_trainers()
         r = config.rollout
 
-        def start_rollout(path: str):
+        def start_rollout(path: str, bundle: int, share: float, tp: int):
             return ray.remote(RolloutEngine).options(
-                num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, 0)).remote(
-                path, device=device, tensor_parallel_size=r.tensor_parallel_size,
-                max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static,
-                seed=config.seed, release_memory_during_train=r.release_memory_during_train)
+                num_cpus=1, num_gpus=share, scheduling_strategy=in_bundle(pg, bundle)).remote(
+                path, device=device, tensor_parallel_size=tp, max_total_tokens=r.max_total_tokens,
+                mem_fraction_static=r.mem_fraction_static, seed=config.seed,
+                release_memory_during_train=r.release_memory_during_train and share < 1)
 
-        rollout = start_rollout(model_path)
-        w = config.agent.swarm
-        subagents = start_rollout(w.subagent_model or model_path) if w.enabled else None
+        rollout = start_rollout(model_path, 0, 0.5, r.tensor_parallel_size)  # beside trainer rank 0
+        subagents = start_rollout(w.subagent_model or model_path, world, 1.0, 1) if w.enabled else None
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
         # ports too: if it took this one first, the trainers start again on another.
@@ -221,8 +222,9 @@ class RLLoop:
                                   self.budgets, self.default_budget, b.correct_threshold)
         if b.length_penalty_weight and self.step_index >= b.length_penalty_start_step:
             apply_length_penalty(samples, b.length_penalty_weight, b.correct_threshold)
-        parl = self.agentic.shape(samples, self.step_index, self.config.steps) if self.agentic else {}
-        return {**({"toggle_zeroed": float(zeroed)} if b.toggle else {}), **parl}
+        if self.agentic is not None:
+            self.agentic.shape(samples, self.step_index, self.config.steps)  # PARL's terms
+        return {"toggle_zeroed": float(zeroed)} if b.toggle else {}
 
     def evaluate(self) -> Optional[float]:
         """Accuracy on held-out prompts (a range of the generated tasks' streams training never reaches),
@@ -392,7 +394,7 @@ class RLLoop:
                if f.temperature is not None},
             **sampling,
             **critic,
-            **(self.agentic.metrics(samples) if self.agentic else {}),
+            **(self.agentic.metrics(samples, self.step_index, c.steps) if self.agentic else {}),
             # every round's generation
             "rollout_seconds": t1 - t0 - sampling["reward_seconds"] - critic.get("critic_seconds", 0.0),
             "train_seconds": t3 - t1,

@@ -23,13 +23,18 @@ TOKENIZERS = {"demo": CHARACTERS, "printable": PRINTABLE}
 
 
 def build_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
+    """One id per character. The vocabulary holds each character's byte-level form (space is "Ġ",
+    newline "Ċ"), because transformers loads a saved Qwen2 model's tokenizer as a byte-level
+    `Qwen2Tokenizer`: with these entries it encodes and decodes spaces and newlines exactly as this one
+    does. Unknown characters become <pad> (an id the model has; a separate unk would not be)."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     vocab = {PAD: 0, EOS: 1}
     for ch in characters:
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+        vocab[byte_level.pre_tokenize_str(ch)[0][0]] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("."), behavior="isolated"), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=PAD)
 
 
 def create_tiny_qwen2(

@@ -58,16 +58,18 @@ class AgentRollout:
         budget = IterationBudget.starting_now(c.partial_tokens, c.partial_seconds) if partial else None
         return asyncio.run(self.runner.run_all(samples, c.concurrency, budget))
 
-    def shape(self, samples: list[Sample], step: int, steps: int) -> dict[str, float]:
-        """PARL's auxiliary rewards on top of the task reward (a swarm run), with this step's lambdas."""
-        if self.swarm is None or not samples:
-            return {}
+    def lambdas(self, step: int, steps: int) -> tuple[float, float]:
+        """PARL's lambda1 and lambda2 at `step` of a `steps`-step run."""
         w = self.config.swarm
-        l1, l2 = parl_lambdas(step, w.lambda_parallel, w.lambda_finish, w.anneal_steps or steps, w.anneal_schedule)
-        apply_parl(samples, l1, l2, w.parallel_reward, w.parallel_cap, w.budget_penalty)
-        return {"lambda_parallel": l1, "lambda_finish": l2}
+        return parl_lambdas(step, w.lambda_parallel, w.lambda_finish, w.anneal_steps or steps, w.anneal_schedule)
 
-    def metrics(self, samples: list[Sample]) -> dict[str, float]:
+    def shape(self, samples: list[Sample], step: int, steps: int) -> None:
+        """PARL's auxiliary rewards on top of the task reward (a swarm run), with this step's lambdas."""
+        if self.swarm is not None and samples:
+            w = self.config.swarm
+            apply_parl(samples, *self.lambdas(step, steps), w.parallel_reward, w.parallel_cap, w.budget_penalty)
+
+    def metrics(self, samples: list[Sample], step: int, steps: int) -> dict[str, float]:
         """The step's episode statistics: steps (critical and total), tools, sub-agents, PARL terms."""
         traces = [s.agent for s in samples if s.agent is not None]
         if not traces:
@@ -83,7 +85,9 @@ class AgentRollout:
             w = self.config.swarm
             stages = [len(st.sub_steps) for t in traces for st in t.stages]
             runs = [r for t in traces for r in t.subagents]
-            out.update({"subagents": mean([len(t.subagents) for t in traces]),
+            l1, l2 = self.lambdas(step, steps)
+            out.update({"lambda_parallel": l1, "lambda_finish": l2,
+                        "subagents": mean([len(t.subagents) for t in traces]),
                         "subagents_per_stage": mean(stages),
                         "subagent_steps": mean([r.steps for r in runs]),
                         "subagent_tokens": float(sum(len(r.response_ids) for r in runs)),

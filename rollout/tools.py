@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Optional, Union
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+_REGEX_SPECIAL = set(".^$*+?{}[]\\|()")
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
 
 
@@ -127,6 +128,11 @@ def final_answer(text: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
+def _literal(text: str) -> str:
+    """`text` as a regex literal, escaping only metacharacters (grammar backends reject `\\ ` and kin)."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
+
 def turn_regex(tools: list[Tool], max_calls: int, answer_chars: int, free_text_chars: int = 48) -> str:
     """A regular expression for one turn: 1..max_calls well-formed calls, or a final <answer>.
 
@@ -135,7 +141,7 @@ def turn_regex(tools: list[Tool], max_calls: int, answer_chars: int, free_text_c
     values or up to `maxLength` (else `free_text_chars`) characters without quotes or markup."""
     def value(spec: dict) -> str:
         if "enum" in spec:
-            return "(" + "|".join(re.escape(json.dumps(v)) for v in spec["enum"]) + ")"
+            return "(" + "|".join(_literal(json.dumps(v)) for v in spec["enum"]) + ")"
         kind = spec.get("type")
         if kind == "integer":
             return "-?[0-9]{1,6}"
@@ -147,9 +153,9 @@ def turn_regex(tools: list[Tool], max_calls: int, answer_chars: int, free_text_c
 
     def call(tool: Tool) -> str:
         properties = tool.parameters.get("properties", {})
-        args = ", ".join(re.escape(json.dumps(name) + ": ") + value(spec) for name, spec in properties.items())
-        return re.escape(CALL_OPEN + '{"name": ' + json.dumps(tool.name) + ', "arguments": {') + args + \
-            re.escape("}}" + CALL_CLOSE)
+        args = ", ".join(_literal(json.dumps(name) + ": ") + value(spec) for name, spec in properties.items())
+        return _literal(CALL_OPEN + '{"name": ' + json.dumps(tool.name) + ', "arguments": {') + args + \
+            _literal("}}" + CALL_CLOSE)
 
     one = "(" + "|".join(call(t) for t in tools) + ")"
     answer = "<answer>" + rf"[^<>\n]{{0,{answer_chars}}}" + "</answer>"

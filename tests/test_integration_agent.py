@@ -1,0 +1,90 @@
+"""PARL end to end with the real engines: the `swarm_wide_search` preset (a Megatron trainer, the
+orchestrator's SGLang engine kept in sync, a second SGLang engine of frozen sub-agents) for two RL
+steps on the wide-search task, with turn-level partial rollouts on."""
+import json
+import os
+
+import pytest
+
+
+@pytest.mark.integration
+def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
+    import ray
+    from hydra import compose, initialize
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    import rl.train  # noqa: F401 - registers the config schema with Hydra
+    from rl.config import load_config
+    from rl.loop import Engines, RLLoop
+    from rl.metrics import MetricsLogger
+    from rl.warm_start import demo_model_path
+    from rollout.environments.knowledge_base import WideSearchEnvironment
+    from rollout.swarm import SwarmSettings
+
+    run_dir = str(tmp_path / "run")
+    with initialize(config_path="../conf", version_base="1.3"):
+        cfg = compose(config_name="swarm_wide_search", overrides=[
+            "steps=2", "seed=1", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=3",
+            "agent.partial_tokens=300", "sync.verify_full=true", "logging.wandb_mode=disabled",
+            f"logging.run_dir={run_dir}"])
+    config = load_config(cfg)
+    model_path = demo_model_path(config.model, config.warm_start, config.task)
+    initial = load_file(os.path.join(model_path, "model.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    engines = Engines.start(config, model_path)
+    batches, trained, metrics = [], [], []
+    try:
+        logger = MetricsLogger(run_dir, config, config.steps, "disabled", "tandem")
+        loop = RLLoop(config, engines, tokenizer, logger)
+        call_trainers = loop._call_trainers
+
+        def spy(method, *args, **kwargs):  # what the trainers are given to train on
+            if method == "train_step":
+                batches.append(args[0])
+            return call_trainers(method, *args, **kwargs)
+        loop._call_trainers = spy
+        for _ in range(config.steps):
+            metrics.append(loop.step())
+            trained.append(loop.last_samples)
+        subagent_changed = ray.get(engines.subagents.verify_weights.remote(initial), timeout=120)
+        policy_changed = ray.get(engines.rollout.verify_weights.remote(initial), timeout=120)
+        loop.gateway.close()
+        logger.close()
+    finally:
+        engines.shutdown()
+        ray.shutdown()
+
+    # the sub-agents' engine kept the fixed checkpoint; the orchestrator's engine took every update (and
+    # sync.verify_full checked it equals the trainer's weights after each push)
+    assert subagent_changed == [] and len(policy_changed) > 0
+
+    orchestrator_prompt = tokenizer.encode(SwarmSettings().system_prompt, add_special_tokens=False)
+    runs = 0
+    for batch, samples in zip(batches, trained):
+        assert len(batch) == len(samples) == 3 * 3  # the orchestrator's episodes, nothing else
+        for b, s in zip(batch, samples):
+            assert b.agent is None and s.agent.stop  # no trace reaches the trainers; only finished episodes
+            assert b.prompt_ids[: len(orchestrator_prompt)] == orchestrator_prompt
+            assert b.response_ids == s.response_ids and b.loss_mask == s.loss_mask
+            # trained tokens: exactly the orchestrator's sampled turns; tool results (sub-agents' messages) masked
+            sampled = [i for start, end in s.agent.turn_spans for i in range(start, end)]
+            assert [i for i, m in enumerate(b.loss_mask) if m] == sampled
+            for run in s.agent.subagents:
+                runs += 1
+                system = s.agent.created_subagents.get(run.agent, WideSearchEnvironment.system_prompt)
+                assert tokenizer.decode(run.prompt_ids).startswith(system)  # its own episode, its own prompt
+                assert run.steps >= 1 and run.response_ids
+    assert runs > 0, "no sub-agent ran"
+
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("critical_steps", "total_steps", "subagents_per_stage", "r_parallel", "r_finish",
+                    "lambda_parallel", "lambda_finish"):
+            assert key in row, key
+        assert 1 <= row["critical_steps"] <= row["total_steps"]
+        assert 0 <= row["r_parallel"] <= 1 and 0 <= row["r_finish"] <= 1
+    assert rows[1]["lambda_parallel"] < rows[0]["lambda_parallel"] == config.agent.swarm.lambda_parallel
+    logged = [json.loads(line) for line in open(os.path.join(run_dir, "subagents.jsonl"))]
+    assert len(logged) == runs and all(r["steps"] >= 1 for r in logged)
