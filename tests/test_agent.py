@@ -326,3 +326,24 @@ def test_created_subagents_get_their_system_prompt_and_become_assignable():
     assert [len(st.sub_steps) for st in s.agent.stages] == [0, 1, 0]
     enum = swarm.tools(s.agent)[1].parameters["properties"]["agent"]["enum"]
     assert enum == ["default", "scout"]
+
+
+def test_the_critical_steps_budget_stops_an_episode():
+    orchestrator = ScriptedEngine(lambda p: (
+        '<tool_call>{"name": "assign_task", "arguments": {"agent": "default", "prompt": "city of e02"}}</tool_call>'))
+    subagents = AgentRunner(ScriptedEngine(subagent_script), TOK, AgentLimits(max_turns=2), TurnFormat(), score=False)
+    runner = AgentRunner(orchestrator, TOK, AgentLimits(max_critical_steps=7, max_tokens=4000), TurnFormat(),
+                         Swarm(subagents, SwarmSettings()).tools)
+    s = run_episode(runner, WideSearchEnvironment(), "Find the city of each of e02.", "x")
+    # every stage costs 1 + 2 (the sub-agent's lookup and answer): the budget of 7 is reached after 3 stages
+    assert s.agent.stop == "critical_steps" and s.agent.critical_steps == 9 and len(s.agent.stages) == 3
+
+
+def test_the_python_tool_runs_in_the_sandbox():
+    env = CalculatorEnvironment(python_tool=True)
+    env.reset("What is 2+2?", "4", {})
+    [parsed] = parse_tool_calls('<tool_call>{"name": "python", "arguments": {"code": "import os; print(6*7, os.getuid())"}}'
+                                "</tool_call>", {t.name: t for t in env.tools()})
+    out = asyncio.run(env.step(parsed.call, timeout_s=30))
+    assert out.split()[0] == "42" and out.split()[1] != "0"  # ran, and not as root
+    assert env.reward(" 4 ") == 1.0 and env.reward("5") == 0.0

@@ -103,3 +103,17 @@ def test_cli_rejects_bad_config_before_starting_anything(override, field, tmp_pa
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert lines == [l for l in lines if l.startswith("config error: " + field + ":")] and len(lines) == 1, proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("preset", ["agent_calculator", "swarm_wide_search"])
+def test_agent_presets_load(preset):
+    """The conf/ presets compose with Hydra and validate; their task comes from their environment."""
+    from hydra import compose, initialize
+
+    import rl.train  # noqa: F401 - registers the config schema with Hydra
+
+    with initialize(config_path="../conf", version_base="1.3"):
+        config = load_config(compose(config_name=preset))
+    assert config.agent.environment == config.task.name
+    assert [s.name for s in config.rewards.task_types["default"]] == ["environment"]
+    assert config.agent.swarm.enabled == (preset == "swarm_wide_search")

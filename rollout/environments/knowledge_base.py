@@ -62,16 +62,21 @@ class KnowledgeBaseEnvironment(Environment):
     def _lookup(self, entity: str, attribute: str) -> str:
         return self.base.get(entity, {}).get(attribute, f"no {attribute} for {entity}")
 
+    @classmethod
+    def _draw(cls, index: int, seed: int, entities: int, options: dict) -> tuple[dict, random.Random, str]:
+        """The base, the task's own random stream, and the attribute it asks for."""
+        base = knowledge_base(int(options.get("kb_seed", 0)), entities)
+        rng = random.Random(f"{cls.stream}/{seed}/{index}")
+        return base, rng, rng.choice(("city", "color", "year"))
+
 
 class WideSearchEnvironment(KnowledgeBaseEnvironment):
-    name = "wide_search"
+    name, stream = "wide_search", "wide"
 
     @classmethod
     def generate(cls, index: int, seed: int, entities: int = 24, items: int = 4, **options) -> Problem:
-        base = knowledge_base(int(options.get("kb_seed", 0)), entities)
-        rng = random.Random(f"wide/{seed}/{index}")
+        base, rng, attribute = cls._draw(index, seed, entities, options)
         chosen = rng.sample(sorted(base), items)
-        attribute = rng.choice(("city", "color", "year"))
         return Problem(prompt=f"Find the {attribute} of each of {', '.join(chosen)}. Answer with the values in "
                               f"that order, separated by commas.",
                        reference=",".join(base[e][attribute] for e in chosen))
@@ -81,14 +86,12 @@ class WideSearchEnvironment(KnowledgeBaseEnvironment):
 
 
 class DeepSearchEnvironment(KnowledgeBaseEnvironment):
-    name = "deep_search"
+    name, stream = "deep_search", "deep"
 
     @classmethod
     def generate(cls, index: int, seed: int, entities: int = 24, hops: int = 3, **options) -> Problem:
-        base = knowledge_base(int(options.get("kb_seed", 0)), entities)
-        rng = random.Random(f"deep/{seed}/{index}")
+        base, rng, attribute = cls._draw(index, seed, entities, options)
         entity = start = rng.choice(sorted(base))
-        attribute = rng.choice(("city", "color", "year"))
         for _ in range(hops):
             entity = base[entity]["next"]
         return Problem(prompt=f"Start at {start}, follow next {hops} times, and give the {attribute} you reach.",
