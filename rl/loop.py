@@ -406,10 +406,10 @@ class RLLoop:
             if key in train:
                 metrics[key] = train[key]
         self.last_samples = samples
-        if self.agentic is not None and self.logger is not None:
+        self.step_index += 1
+        if self.agentic is not None and self.logger is not None:  # numbered as in metrics.jsonl
             append_jsonl(self.agentic.subagent_records(samples, self.step_index),
                          os.path.join(os.path.dirname(self.logger.path), "subagents.jsonl"))
-        self.step_index += 1
         every = c.eval.every
         if every and (self.step_index % every == 0 or self.step_index == c.steps):
             accuracy = self.evaluate()

@@ -3,6 +3,7 @@ accounting on hand-built episodes, the swarm's tools, and the PARL reward with i
 rollout engine is a scripted stand-in here; tests/test_integration_agent.py runs the real engines."""
 import asyncio
 import json
+import pickle
 import re
 
 import pytest
@@ -160,6 +161,7 @@ def test_turn_level_partial_rollout_pauses_at_a_turn_and_continues_under_new_wei
                           CalculatorEnvironment())
     asyncio.run(runner.run(sample, IterationBudget(tokens=1)))
     assert sample.finish_reason == "paused" and sample.agent.turns == 1 and not sample.agent.stop
+    sample = pickle.loads(pickle.dumps(sample))  # a checkpoint of the replay buffer, environment included
     engine.version = 4  # the next iteration's weights
     asyncio.run(runner.run(sample, IterationBudget(tokens=1)))
     assert sample.agent.stop == "answer" and sample.agent.env_reward == 1.0
