@@ -9,124 +9,33 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import ray
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
-from checkpoint_engine.engine import CheckpointEngine
 from rewards.critic_data import append_jsonl, judge_pairs, verified_pairs
 from rewards.runner import RewardRunner, part_means
 from rewards.self_critique import make_judge, use_policy
 from rl.advantages import group_advantages, uniform_groups
 from rl.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
 from rl.checkpoint import MARKER as CHECKPOINT_MARKER
-from rl.cluster import colocated_bundles, free_port, in_bundle, start_ray
-from rl.config import Config, trainer_layout
+from rl.config import Config
+from rl.engines import Engines
 from rl.metrics import MetricsLogger
 from rl.ptx import PTXData
 from rl.sample import Sample
 from rl.data import Prompt, PromptSource
 from rl.tasks import AdditionTask
 from rl.temperature import temperature_at
-from rl.training_engine import TrainingEngine, resolve_device
 from rl.warm_start import demo_model_path
-from rollout.sglang_engine import RolloutEngine
 from rollout.agent_rollout import AgentRollout
 from rollout.agent_trace import for_training
 from rollout.openai_gateway import OpenAIGateway, ray_complete
-from rollout.tp_shards import region_rule
 
 
 log = logging.getLogger(__name__)
 EVAL_STREAM_START = 1_000_000_000  # held-out prompts: far beyond any training step's range
-PORT_ATTEMPTS = 3
-
-
-
-@dataclass
-class Engines:
-    """The actors of one colocated RL job."""
-    trainers: list  # one per training rank (TP x PP x DP), trainer i in bundle i
-    rollout: object  # the SGLang engine, in bundle 0 beside trainer rank 0
-    sync: CheckpointEngine
-    placement_group: object
-    subagents: Optional[object] = None  # PARL's frozen sub-agent engine: loaded once, never synced
-
-    @classmethod
-    def start(cls, config: Config, model_path: str) -> "Engines":
-        world = trainer_layout(config).world_size
-        w = config.agent.swarm
-        bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
-        start_ray(config.cluster, num_bundles=bundles)
-        timeout = config.trainer.timeout_s
-        pg = colocated_bundles(bundles, timeout)
-        device = resolve_device(config.cluster.device)
-        t = config.trainer
-        trainer_args = dict(
-            world_size=world, master_addr="127.0.0.1", tensor_parallel_size=t.tensor_parallel_size,
-            pipeline_parallel_size=t.pipeline_parallel_size, expert_parallel_size=t.expert_parallel_size,
-            micro_batch_tokens=t.micro_batch_tokens, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
-            optimizer=t.optimizer, muon_momentum=t.muon_momentum, qk_clip_tau=t.qk_clip_tau,
-            lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay=t.lr_decay, min_lr_ratio=t.min_lr_ratio,
-            lr_decay_steps=config.steps * config.algorithm.updates_per_step, weight_decay=t.weight_decay,
-            adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
-        trainer_cls = ray.remote(TrainingEngine)
-
-        def start_trainers() -> list:
-            port = free_port()
-            return [trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
-                model_path, rank=rank, master_port=port, **trainer_args) for rank in range(world)]
-
-        trainers = start_trainers()
-        r = config.rollout
-
-        def start_rollout(path: str, bundle: int, share: float, tp: int):
-            return ray.remote(RolloutEngine).options(
-                num_cpus=1, num_gpus=share, scheduling_strategy=in_bundle(pg, bundle)).remote(
-                path, device=device, tensor_parallel_size=tp, max_total_tokens=r.max_total_tokens,
-                mem_fraction_static=r.mem_fraction_static, seed=config.seed,
-                release_memory_during_train=r.release_memory_during_train and share < 1)
-
-        rollout = start_rollout(model_path, 0, 0.5, r.tensor_parallel_size)  # beside trainer rank 0
-        subagents = start_rollout(w.subagent_model or model_path, world, 1.0, 1) if w.enabled else None
-        # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
-        # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
-        # ports too: if it took this one first, the trainers start again on another.
-        for attempt in range(PORT_ATTEMPTS):
-            try:
-                ray.get([a.__ray_ready__.remote() for a in trainers], timeout=timeout)
-                break
-            except Exception as exc:
-                for actor in trainers:
-                    ray.kill(actor)
-                if "EADDRINUSE" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
-                    raise
-                log.warning("trainer rendezvous port taken; starting the trainers again on another")
-                trainers = start_trainers()
-        ray.get([e.__ray_ready__.remote() for e in (rollout, subagents) if e is not None], timeout=timeout)
-        s = config.sync
-        sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s.transport, int(s.bucket_mb * 2**20),
-                                device, s.timeout_s, s.verify_checksums, s.verify_full,
-                                rollout_tp_size=r.tensor_parallel_size,
-                                tp_regions=region_rule(AutoConfig.from_pretrained(model_path), r.tensor_parallel_size))
-        sync.setup()  # the sub-agent engine is not among the sync's engines: its weights stay fixed
-        return cls(trainers, rollout, sync, pg, subagents)
-
-    def shutdown(self) -> None:
-        try:
-            self.sync.teardown()
-        except Exception:
-            pass
-        engines = [e for e in (self.rollout, self.subagents) if e is not None]
-        try:
-            ray.get([e.shutdown.remote() for e in engines], timeout=60)
-        except Exception:
-            pass
-        for actor in [*self.trainers, *engines]:
-            ray.kill(actor)
-        ray.util.remove_placement_group(self.placement_group)
 
 
 class RLLoop:

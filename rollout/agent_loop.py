@@ -38,6 +38,7 @@ class AgentLimits:
     max_calls_per_turn: int = 4
     tool_timeout_s: float = 30.0
     max_critical_steps: Optional[int] = None  # stop the episode once its critical steps reach this
+    max_context: Optional[int] = None  # the engine's context length: prompt and response stay within it
 
 
 @dataclass
@@ -87,6 +88,10 @@ class AgentRunner:
         task = env.reset(sample.prompt, sample.reference, sample.metadata)
         sample.prompt_ids = render_prompt(self.tokenizer, system_prompt or env.system_prompt, self.tools_for(trace),
                                           task, self.fmt.describe_tools)
+        context = self.limits.max_context
+        if context is not None and len(sample.prompt_ids) >= context - 1:
+            raise ValueError(f"an episode's prompt (system prompt, tools and task: {len(sample.prompt_ids)} tokens) "
+                             f"leaves no room in the engine's context of {context} tokens")
         sample.agent, sample.loss_mask, sample.finish_reason = trace, [], ""
         return sample
 
@@ -100,6 +105,8 @@ class AgentRunner:
             return "max_tokens"
         if lim.max_critical_steps is not None and trace.critical_steps >= lim.max_critical_steps:
             return "critical_steps"
+        if lim.max_context is not None and len(sample.tokens) >= lim.max_context - 1:
+            return "max_context"
         return ""
 
     async def run(self, sample: Sample, budget: Optional[IterationBudget] = None) -> Sample:
@@ -126,6 +133,8 @@ class AgentRunner:
         trace, lim = sample.agent, self.limits
         tools = self.tools_for(trace)
         room = lim.max_tokens - len(sample.response_ids)
+        if lim.max_context is not None:
+            room = min(room, lim.max_context - 1 - len(sample.tokens))
         request: dict[str, Any] = {"input_ids": sample.tokens, "temperature": sample.temperature,
                                    "max_new_tokens": max(1, min(lim.max_turn_tokens, room))}
         if self.fmt.constrain_format:
@@ -155,6 +164,8 @@ class AgentRunner:
         results = await asyncio.gather(*(result(i, c) for i, c in enumerate(calls)))
         text = "".join(self.fmt.tool_result.format(result=r) for r in results)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if lim.max_context is not None:  # cut to the context; the next turn then stops at max_context
+            ids = ids[: max(0, lim.max_context - len(sample.tokens))]
         self._append(sample, ids, [0.0] * len(ids), out["weight_version"], trained=False)
 
     @staticmethod

@@ -11,6 +11,8 @@ import asyncio
 import statistics
 from typing import Optional
 
+import ray
+
 from rewards.agentic import apply_parl, parl_lambdas, r_finish, r_parallel
 from rl.sample import Sample
 from rollout.agent_loop import AgentLimits, AgentRunner, IterationBudget, TurnFormat
@@ -33,15 +35,17 @@ class AgentRollout:
         self.policy_turns = engine_turns(policy_engine, timeout_s)
         fmt = TurnFormat(agent.tool_result, agent.constrain_format, agent.answer_chars, agent.describe_tools)
         w = agent.swarm
+        context = ray.get(policy_engine.context_length.remote(), timeout=timeout_s)
         limits = AgentLimits(agent.max_turns, agent.max_tool_calls, agent.max_tokens, agent.max_turn_tokens,
                              agent.max_calls_per_turn, agent.tool_timeout_s,
-                             w.max_critical_steps if w.enabled else None)
+                             w.max_critical_steps if w.enabled else None, context)
         self.swarm: Optional[Swarm] = None
         tools_for = None
         if w.enabled:
             self.subagent_turns = engine_turns(subagent_engine, timeout_s)
             sub_limits = AgentLimits(w.subagent_max_turns, agent.max_tool_calls, w.subagent_max_tokens,
-                                     w.subagent_max_turn_tokens, agent.max_calls_per_turn, agent.tool_timeout_s)
+                                     w.subagent_max_turn_tokens, agent.max_calls_per_turn, agent.tool_timeout_s,
+                                     max_context=ray.get(subagent_engine.context_length.remote(), timeout=timeout_s))
             subagents = AgentRunner(self.subagent_turns.submit, tokenizer, sub_limits, fmt, score=False)
             self.swarm = Swarm(subagents, SwarmSettings(w.max_subagents, w.max_parallel, w.orchestrator_env_tools,
                                                         w.subagent_temperature))

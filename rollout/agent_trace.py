@@ -49,7 +49,7 @@ class AgentTrace:
     tool_calls: int = 0
     invalid_calls: int = 0
     answer: Optional[str] = None  # the final message's answer, once given
-    stop: str = ""  # answer | max_turns | max_tool_calls | max_tokens | critical_steps ("" while running)
+    stop: str = ""  # answer | max_turns | max_tool_calls | max_tokens | critical_steps | max_context ("" while running)
     env_reward: Optional[float] = None
     env_reward_parts: dict[str, float] = field(default_factory=dict)
     subagents: list[SubagentRun] = field(default_factory=list)

@@ -87,6 +87,10 @@ class RolloutEngine:
                  "text": self.tokenizer.decode(o["output_ids"], skip_special_tokens=True),
                  "weight_version": self.weight_version} for o in outputs]
 
+    def context_length(self) -> int:
+        """The longest sequence (prompt and output) the engine accepts."""
+        return int(self.engine.tokenizer_manager.context_len)
+
     def complete(self, texts: list[str], max_new_tokens: int, temperature: float = 0.0,
                  regex: Optional[str] = None) -> list[str]:
         """Plain-text completions with the current weights: the policy judging its own samples

@@ -349,3 +349,15 @@ def test_the_python_tool_runs_in_the_sandbox():
     out = asyncio.run(env.step(parsed.call, timeout_s=30))
     assert out.split()[0] == "42" and out.split()[1] != "0"  # ran, and not as root
     assert env.reward(" 4 ") == 1.0 and env.reward("5") == 0.0
+
+
+def test_episodes_stay_within_the_context():
+    loop = lambda prompt: '<tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>'  # noqa
+    engine = ScriptedEngine(loop)
+    runner = AgentRunner(engine, TOK, AgentLimits(max_context=600, max_tokens=4000), TurnFormat())
+    s = run_episode(runner, CalculatorEnvironment(), "What is 1+1?", "2")
+    assert s.agent.stop == "max_context" and len(s.tokens) <= 600 and s.agent.turns == 3
+    assert all(len(r["input_ids"]) + r["max_new_tokens"] <= 599 for r in engine.requests)
+    with pytest.raises(ValueError, match="leaves no room in the engine's context of 300 tokens"):
+        AgentRunner(engine, TOK, AgentLimits(max_context=300), TurnFormat()).start(
+            Sample(group_id=0, prompt="What is 1+1?", prompt_ids=[], reference="2"), CalculatorEnvironment())

@@ -16,7 +16,8 @@ def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
 
     import rl.train  # noqa: F401 - registers the config schema with Hydra
     from rl.config import load_config
-    from rl.loop import Engines, RLLoop
+    from rl.engines import Engines
+    from rl.loop import RLLoop
     from rl.metrics import MetricsLogger
     from rl.warm_start import demo_model_path
     from rollout.environments.knowledge_base import WideSearchEnvironment

@@ -28,7 +28,8 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     import ray
     from transformers import AutoTokenizer
 
-    from rl.loop import Engines, RLLoop
+    from rl.engines import Engines
+    from rl.loop import RLLoop
 
     steps = 2 * len(CASES)
     prompt_set = tmp_path / "small.jsonl"
@@ -103,7 +104,8 @@ def test_partial_rollouts_continue_paused_responses_under_new_weights(demo_model
     import ray
     from transformers import AutoTokenizer
 
-    from rl.loop import Engines, RLLoop
+    from rl.engines import Engines
+    from rl.loop import RLLoop
 
     config = load_config({
         "steps": 4, "model": {"path": demo_model},
