@@ -41,7 +41,8 @@ def r_finish(trace) -> float:
 
 def parl_lambdas(step: int, lambda_parallel: float, lambda_finish: float, anneal_steps: int,
                  schedule: str) -> tuple[float, float]:
-    """lambda1 and lambda2 at `step`: from their start values to zero over `anneal_steps`, zero after."""
+    """lambda1 and lambda2 at `step` (0-based): from their start values at step 0 to zero at step
+    `anneal_steps`, zero after."""
     return (temperature_at(step, lambda_parallel, 0.0, schedule, anneal_steps),
             temperature_at(step, lambda_finish, 0.0, schedule, anneal_steps))
 

@@ -249,14 +249,15 @@ class SwarmConfig:
     max_parallel: int = 4  # assignments per orchestrator turn (one stage)
     orchestrator_env_tools: bool = False  # the orchestrator also gets the environment's tools
     subagent_temperature: float = 1.0
+    subagent_timeout_s: float = 300.0  # bound on one sub-agent's whole episode (its steps still count if cut)
     subagent_max_turns: int = 4
     subagent_max_tokens: int = 256
     subagent_max_turn_tokens: int = 96
     max_critical_steps: Optional[int] = None  # the episode's step budget, in critical steps; None: max_turns only
-    budget_penalty: float = 0.0  # added to the reward of an episode stopped by max_critical_steps
+    budget_penalty: float = 0.0  # added to the reward of an episode stopped by max_critical_steps (<= 0)
     lambda_parallel: float = 0.1  # lambda1 at step 0 (r_parallel)
     lambda_finish: float = 0.1  # lambda2 at step 0 (r_finish)
-    anneal_steps: Optional[int] = None  # steps for both to reach 0; None: the whole run
+    anneal_steps: Optional[int] = None  # steps for both to reach 0; None: 0 at the run's last step
     anneal_schedule: str = "linear"  # linear | cosine
     parallel_reward: str = "count"  # count: min(n, cap) / cap | stages: share of stages with >= 2 sub-agents
     parallel_cap: int = 4
@@ -414,6 +415,9 @@ def _validate_agent(c: Config) -> None:
     if g.environment is None:
         _require(not w.enabled, "agent.swarm.enabled", "needs agent.environment (the sub-agents' tools and tasks)",
                  w.enabled)
+        uses = [t for t, specs in c.rewards.task_types.items() if any(s.name == "environment" for s in specs)]
+        _require(not uses, f"rewards.task_types.{uses[0] if uses else ''}", "uses the environment reward, which "
+                 "needs agent.environment", "environment")
         return
     try:
         environment_class(g.environment)
@@ -436,10 +440,18 @@ def _validate_agent(c: Config) -> None:
     if w.subagent_model is not None:
         _require(os.path.isfile(os.path.join(w.subagent_model, "config.json")), "agent.swarm.subagent_model",
                  "is not a HuggingFace model directory", w.subagent_model)
+        policy_vocab = (AutoConfig.from_pretrained(c.model.path).vocab_size if c.model.path
+                        else 2 + len(TOKENIZERS[c.model.tokenizer]))
+        sub_vocab = AutoConfig.from_pretrained(w.subagent_model).vocab_size
+        _require(sub_vocab == policy_vocab, "agent.swarm.subagent_model",
+                 f"has a vocabulary of {sub_vocab}, the policy {policy_vocab}: they must share the tokenizer",
+                 w.subagent_model)
     for name in ("max_subagents", "max_parallel", "subagent_max_turns", "subagent_max_tokens",
                  "subagent_max_turn_tokens", "parallel_cap"):
         _require(getattr(w, name) >= 1, f"agent.swarm.{name}", "must be >= 1", getattr(w, name))
     _require(w.subagent_temperature > 0, "agent.swarm.subagent_temperature", "must be > 0", w.subagent_temperature)
+    _require(w.subagent_timeout_s > 0, "agent.swarm.subagent_timeout_s", "must be > 0", w.subagent_timeout_s)
+    _require(w.budget_penalty <= 0, "agent.swarm.budget_penalty", "must be <= 0 (a penalty)", w.budget_penalty)
     _require(w.max_critical_steps is None or w.max_critical_steps >= 1, "agent.swarm.max_critical_steps",
              "must be >= 1 or null", w.max_critical_steps)
     for name in ("lambda_parallel", "lambda_finish"):
@@ -580,7 +592,14 @@ def validate(c: Config) -> None:
     _validate_data(c)
     _validate_rewards(c)
     _validate_agent(c)
-    _require(c.task.name in TASKS, "task.name", f"must be one of {TASKS}", c.task.name)
+    _require(c.task.name in TASKS or c.task.name == c.agent.environment, "task.name",
+             f"must be one of {TASKS} or agent.environment", c.task.name)
+    if c.task.name != "addition":
+        try:  # the generator's options: a bad one fails here, not at the first prompt
+            environment_class(c.task.name).generate(0, c.task.seed, **c.task.options)
+        except Exception as exc:  # noqa: BLE001 - reported as the field's error
+            raise ConfigError(f"task.options: {c.task.name} cannot generate a task with {dict(c.task.options)} "
+                              f"({type(exc).__name__}: {exc})") from None
     _require(1 <= c.task.digits <= 6, "task.digits", "must be in [1, 6]", c.task.digits)
     _require(c.steps >= 0, "steps", "must be >= 0", c.steps)
     _require(c.eval.every >= 0, "eval.every", "must be >= 0", c.eval.every)

@@ -115,13 +115,13 @@ class AgentRunner:
         budget = budget or IterationBudget()
         spent, turns_now = 0, 0
         while not trace.stop:
+            trace.stop = self._stop_reason(sample)  # a limit reached finishes the episode, budget or not
+            if trace.stop:
+                break
             if turns_now and ((budget.tokens is not None and spent >= budget.tokens)
                               or (budget.deadline is not None and time.monotonic() >= budget.deadline)):
                 sample.finish_reason = "paused"
                 return sample
-            trace.stop = self._stop_reason(sample)
-            if trace.stop:
-                break
             before = len(sample.response_ids)
             await self._turn(sample)
             spent += len(sample.response_ids) - before
@@ -159,7 +159,8 @@ class AgentRunner:
                 return f"error: {parsed.error}"
             if i >= allowed:
                 return "error: tool call limit reached"
-            return await run_tool(by_name[parsed.call.name], parsed.call.arguments, lim.tool_timeout_s)
+            tool = by_name[parsed.call.name]
+            return await run_tool(tool, parsed.call.arguments, tool.timeout_s or lim.tool_timeout_s)
 
         results = await asyncio.gather(*(result(i, c) for i, c in enumerate(calls)))
         text = "".join(self.fmt.tool_result.format(result=r) for r in results)

@@ -48,7 +48,7 @@ class AgentRollout:
                                      max_context=ray.get(subagent_engine.context_length.remote(), timeout=timeout_s))
             subagents = AgentRunner(self.subagent_turns.submit, tokenizer, sub_limits, fmt, score=False)
             self.swarm = Swarm(subagents, SwarmSettings(w.max_subagents, w.max_parallel, w.orchestrator_env_tools,
-                                                        w.subagent_temperature))
+                                                        w.subagent_temperature, w.subagent_timeout_s))
             tools_for = self.swarm.tools
         self.runner = AgentRunner(self.policy_turns.submit, tokenizer, limits, fmt, tools_for)
 
@@ -65,7 +65,9 @@ class AgentRollout:
     def lambdas(self, step: int, steps: int) -> tuple[float, float]:
         """PARL's lambda1 and lambda2 at `step` of a `steps`-step run."""
         w = self.config.swarm
-        return parl_lambdas(step, w.lambda_parallel, w.lambda_finish, w.anneal_steps or steps, w.anneal_schedule)
+        # by default zero at the run's last step (0-based steps - 1)
+        return parl_lambdas(step, w.lambda_parallel, w.lambda_finish, w.anneal_steps or max(1, steps - 1),
+                            w.anneal_schedule)
 
     def shape(self, samples: list[Sample], step: int, steps: int) -> None:
         """PARL's auxiliary rewards on top of the task reward (a swarm run), with this step's lambdas."""

@@ -31,6 +31,7 @@ class SwarmSettings:
     max_parallel: int = 4  # assignments per stage (one orchestrator turn)
     orchestrator_env_tools: bool = False  # also give the orchestrator the environment's tools
     temperature: float = 1.0  # the sub-agents' sampling temperature
+    timeout_s: float = 300.0  # bound on one sub-agent's whole episode
     system_prompt: str = ("You coordinate sub-agents. create_subagent makes one; assign_task gives it a task and "
                           "returns its answer. Assign several tasks in one turn to run them in parallel. "
                           "Put the final answer in <answer></answer>.")
@@ -55,7 +56,7 @@ class Swarm:
                  {"type": "object", "properties": {"agent": {"type": "string", "enum": names},
                                                    "prompt": {"type": "string", "maxLength": 48}},
                   "required": ["agent", "prompt"]},
-                 functools.partial(self._assign, trace)),
+                 functools.partial(self._assign, trace), timeout_s=self.settings.timeout_s),
         ]
         return tools + (trace.env.tools() if self.settings.orchestrator_env_tools else [])
 
@@ -77,14 +78,17 @@ class Swarm:
         stage.sub_steps.append(0)  # claimed now: concurrent assignments of this turn see it
         run = SubagentRun(agent, prompt, message="", steps=0, completed=False)
         trace.subagents.append(run)
-        episode = Sample(group_id=-1, prompt=prompt, prompt_ids=[], reference="",
+        env = trace.env
+        episode = Sample(group_id=-1, prompt=prompt, prompt_ids=[], reference=env.reference, metadata=env.metadata,
                          temperature=self.settings.temperature)
-        # its own copy of the environment: resetting it to the sub-task leaves the orchestrator's task alone
-        self.subagents.start(episode, copy.copy(trace.env), trace.created_subagents.get(agent))
-        await self.subagents.run(episode)
-        sub: AgentTrace = episode.agent
-        run.steps, run.completed = sub.turns, sub.stop == "answer"
-        run.message = sub.answer if run.completed else f"(no answer: {sub.stop})"
-        run.prompt_ids, run.response_ids = episode.prompt_ids, episode.response_ids
-        stage.sub_steps[slot] = run.steps
+        # its own copy of the environment: resetting it to the sub-task leaves the orchestrator's alone
+        self.subagents.start(episode, copy.deepcopy(env), trace.created_subagents.get(agent))
+        try:
+            await self.subagents.run(episode)
+        finally:  # also when the episode is cut off by its timeout: the steps it took still count
+            sub: AgentTrace = episode.agent
+            run.steps, run.completed = sub.turns, sub.stop == "answer"
+            run.message = sub.answer if run.completed else f"(no answer: {sub.stop or 'timed out'})"
+            run.prompt_ids, run.response_ids = episode.prompt_ids, episode.response_ids
+            stage.sub_steps[slot] = run.steps
         return run.message

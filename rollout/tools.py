@@ -10,6 +10,8 @@ counts (a format signal for rewards).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import inspect
 import json
 import re
@@ -19,6 +21,7 @@ from typing import Any, Awaitable, Callable, Optional, Union
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+_TOOL_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="tool")
 _REGEX_SPECIAL = set(".^$*+?{}[]\\|()")
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
 
@@ -31,6 +34,7 @@ class Tool:
     description: str
     parameters: dict[str, Any]  # JSON schema of an object: properties, required
     run: Callable[..., Union[str, Awaitable[str]]]
+    timeout_s: Optional[float] = None  # its own bound (a sub-agent's whole episode); None: agent.tool_timeout_s
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI `tools` entry (what a chat template renders into the system prompt)."""
@@ -108,13 +112,15 @@ def check_arguments(arguments: dict[str, Any], schema: dict[str, Any]) -> Option
 
 
 async def run_tool(tool: Tool, arguments: dict[str, Any], timeout_s: float) -> str:
-    """Run a (validated) call within `timeout_s`; sync tools run in a thread. A failure or timeout
-    becomes the text the model sees, so a broken tool never stops an episode."""
+    """Run a (validated) call within `timeout_s`; sync tools run on the tools' own thread pool (the
+    default executor has a handful of threads, and queueing there would eat into the timeout). A failure
+    or timeout becomes the text the model sees, so a broken tool never stops an episode."""
     try:
         if inspect.iscoroutinefunction(tool.run):
             result = await asyncio.wait_for(tool.run(**arguments), timeout_s)
         else:
-            result = await asyncio.wait_for(asyncio.to_thread(tool.run, **arguments), timeout_s)
+            call = functools.partial(tool.run, **arguments)
+            result = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_TOOL_THREADS, call), timeout_s)
         return str(result)
     except asyncio.TimeoutError:
         return f"error: {tool.name} timed out after {timeout_s:g} s"

@@ -361,3 +361,33 @@ def test_episodes_stay_within_the_context():
     with pytest.raises(ValueError, match="leaves no room in the engine's context of 300 tokens"):
         AgentRunner(engine, TOK, AgentLimits(max_context=300), TurnFormat()).start(
             Sample(group_id=0, prompt="What is 1+1?", prompt_ids=[], reference="2"), CalculatorEnvironment())
+
+
+def test_an_episode_at_its_limit_finishes_even_with_its_budget_spent():
+    loop = lambda prompt: '<tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>'  # noqa
+    runner = AgentRunner(ScriptedEngine(loop), TOK, AgentLimits(max_turns=2), TurnFormat())
+    sample = runner.start(Sample(group_id=0, prompt="What is 1+1?", prompt_ids=[], reference="2"), CalculatorEnvironment())
+    asyncio.run(runner.run(sample, IterationBudget(tokens=1)))
+    assert sample.finish_reason == "paused"
+    asyncio.run(runner.run(sample, IterationBudget(tokens=1)))  # the second turn reaches max_turns
+    assert sample.finish_reason == "length" and sample.agent.stop == "max_turns" and sample.agent.turns == 2
+
+
+def test_a_subagent_cut_off_by_its_timeout_still_counts_its_steps():
+    lookup = lambda prompt: '<tool_call>{"name": "lookup", "arguments": {"entity": "e01", "attribute": "city"}}</tool_call>'  # noqa
+    slow = ScriptedEngine(lookup)
+
+    async def slow_turn(request):
+        await asyncio.sleep(0.1)
+        return await slow(request)
+    subagents = AgentRunner(slow_turn, TOK, AgentLimits(max_turns=50, max_tokens=10**5), TurnFormat(), score=False)
+    orchestrator = ScriptedEngine(lambda p: (
+        '<tool_call>{"name": "assign_task", "arguments": {"agent": "default", "prompt": "city of e01"}}</tool_call>'
+        if "<tool_response>" not in p else "<answer>x</answer>"))
+    runner = AgentRunner(orchestrator, TOK, AgentLimits(), TurnFormat(),
+                         Swarm(subagents, SwarmSettings(timeout_s=0.35)).tools)
+    s = run_episode(runner, WideSearchEnvironment(), "Find the city of each of e01.", "x")
+    [run] = s.agent.subagents
+    assert 2 <= run.steps < 50 and not run.completed and "timed out" in run.message
+    assert s.agent.stages[0].sub_steps == [run.steps] and s.agent.critical_steps == 1 + run.steps + 1
+    assert "error: assign_task timed out" in TOK.decode(s.response_ids, skip_special_tokens=True)
