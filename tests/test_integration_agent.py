@@ -1,6 +1,6 @@
 """PARL end to end with the real engines: the `swarm_wide_search` preset (a Megatron trainer, the
 orchestrator's SGLang engine kept in sync, a second SGLang engine of frozen sub-agents) for two RL
-steps on the wide-search task, with turn-level partial rollouts on."""
+steps on the wide-search task, with turn-level partial rollouts and a critical-steps budget."""
 import json
 import os
 
@@ -27,7 +27,7 @@ def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
     with initialize(config_path="../conf", version_base="1.3"):
         cfg = compose(config_name="swarm_wide_search", overrides=[
             "steps=2", "seed=1", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=3",
-            "agent.partial_tokens=300", "sync.verify_full=true", "logging.wandb_mode=disabled",
+            "agent.partial_tokens=300", "agent.swarm.max_critical_steps=5", "sync.verify_full=true", "logging.wandb_mode=disabled",
             f"logging.run_dir={run_dir}"])
     config = load_config(cfg)
     model_path = demo_model_path(config.model, config.warm_start, config.task)
@@ -68,6 +68,9 @@ def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
             assert b.agent is None and s.agent.stop  # no trace reaches the trainers; only finished episodes
             assert b.prompt_ids[: len(orchestrator_prompt)] == orchestrator_prompt
             assert b.response_ids == s.response_ids and b.loss_mask == s.loss_mask
+            # the budget of 5 critical steps is checked before each turn; a stage costs at most 1 + 2
+            assert s.agent.critical_steps <= 4 + 3
+            assert s.agent.stop != "critical_steps" or s.agent.critical_steps >= 5
             # trained tokens: exactly the orchestrator's sampled turns; tool results (sub-agents' messages) masked
             sampled = [i for start, end in s.agent.turn_spans for i in range(start, end)]
             assert [i for i, m in enumerate(b.loss_mask) if m] == sampled
