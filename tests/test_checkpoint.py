@@ -141,10 +141,19 @@ def _chain(rank, model_path, ports, paths):
 
 @pytest.fixture(scope="module")
 def chain(random_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    paths = {name: str(root / name) for name in ("A", "B", "hf", "a.pt", "b.pt", "c.pt", "d.pt")}
-    ports = [pick_port() for _ in range(4)]
-    mp.start_processes(_chain, args=(random_model, ports, paths), nprocs=2, join=True, start_method="spawn")
+    # The four rendezvous ports are picked before the chain starts and the last is bound a minute later:
+    # an ephemeral port of the rounds before it can take it meanwhile. Then the chain runs again, on
+    # other ports and in fresh directories.
+    for attempt in range(3):
+        root = tmp_path_factory.mktemp("ckpt")
+        paths = {name: str(root / name) for name in ("A", "B", "hf", "a.pt", "b.pt", "c.pt", "d.pt")}
+        ports = [pick_port() for _ in range(4)]
+        try:
+            mp.start_processes(_chain, args=(random_model, ports, paths), nprocs=2, join=True, start_method="spawn")
+            break
+        except mp.ProcessRaisedException as exc:
+            if "EADDRINUSE" not in str(exc) or attempt == 2:
+                raise
     return {"paths": paths, **{k: torch.load(paths[f"{k}.pt"], weights_only=False) for k in "abcd"}}
 
 
