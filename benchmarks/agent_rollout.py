@@ -35,12 +35,12 @@ def main() -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from rl.sample import Sample
-    from rl.tiny_model import PRINTABLE, create_tiny_qwen2
-    from rollout.agent_loop import AgentLimits, AgentRunner, TurnFormat
+    from rl.demo.tiny_model import PRINTABLE, create_tiny_qwen2
+    from rollout.agents.agent_loop import AgentLimits, AgentRunner, TurnFormat
     from rollout.batching import Batcher
-    from rollout.environments.calculator import CalculatorEnvironment
-    from rollout.sglang_engine import RolloutEngine
-    from rollout.tools import turn_regex
+    from rollout.agents.environments.calculator import CalculatorEnvironment
+    from rollout.sglang.engine import RolloutEngine
+    from rollout.agents.tools import turn_regex
 
     with tempfile.TemporaryDirectory() as tmp:
         path = create_tiny_qwen2(tmp, hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -89,17 +89,17 @@ def main() -> None:
     print(f"| bare `subprocess.run` (reference) | {bare:.1f} | 1.00 |")
     print(f"| `Sandbox.run_python` | {sandboxed:.1f} | {sandboxed / bare:.2f} |")
 
-    import rewards.code
-    import rewards.instructions
-    import rewards.verifiable
+    import rewards.builtin.code
+    import rewards.builtin.instructions
+    import rewards.builtin.verifiable
 
     cases = {  # name -> (reward function, samples' response, reference, metadata)
         "no-op (sync)": (noop, "4", "4", {}),
-        "exact_match": (rewards.verifiable.exact_match_reward, "4", "4", {}),
-        "math_verify": (rewards.verifiable.math_verify_reward, "so $\\boxed{\\frac{1}{2}}$", "0.5", {}),
-        "instruction_following": (rewards.instructions.instruction_following, '{"a": 1}', "",
+        "exact_match": (rewards.builtin.verifiable.exact_match_reward, "4", "4", {}),
+        "math_verify": (rewards.builtin.verifiable.math_verify_reward, "so $\\boxed{\\frac{1}{2}}$", "0.5", {}),
+        "instruction_following": (rewards.builtin.instructions.instruction_following, '{"a": 1}', "",
                                   {"instructions": [{"type": "json"}, {"type": "max_words", "n": 5}]}),
-        "code_tests (sandbox)": (rewards.code.code_tests, f"```python\n{PROGRAM}```", "",
+        "code_tests (sandbox)": (rewards.builtin.code.code_tests, f"```python\n{PROGRAM}```", "",
                                  {"tests": [{"input": "2 3", "output": "5"}]}),
     }
     rows = []

@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rl.advantages import group_advantages  # noqa: E402
-from rl.objectives import ObjectiveSettings  # noqa: E402
+from rl.algo.advantages import group_advantages  # noqa: E402
+from rl.algo.objectives import ObjectiveSettings  # noqa: E402
 from rl.sample import Sample  # noqa: E402
 
 LAYOUTS = {
@@ -53,7 +53,7 @@ def batch(groups: int, k: int, prompt_len: int, response_len: int, vocab: int) -
 
 
 def _worker(rank, world, path, port, layout, steps, shape, out):
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     engine = TrainingEngine(path, rank=rank, world_size=world, master_port=port, lr=1e-5, **layout)
@@ -111,7 +111,7 @@ def hf_reference(path, steps, shape) -> float:
 
 
 def main() -> None:
-    from rl.tiny_model import create_tiny_qwen2, create_tiny_qwen3_moe
+    from rl.demo.tiny_model import create_tiny_qwen2, create_tiny_qwen3_moe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)

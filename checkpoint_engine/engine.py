@@ -15,10 +15,10 @@ from typing import Callable, Optional
 
 import ray
 
+from checkpoint_engine.config import WeightSyncConfig
 from checkpoint_engine.buckets import Bucket, Region, TensorMeta, plan_full, plan_sliced
-from checkpoint_engine.group import SyncError
+from checkpoint_engine.group import SyncError, free_port
 from checkpoint_engine.receiver import WeightReceiver
-from rl.cluster import free_port
 
 
 
@@ -29,17 +29,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 class CheckpointEngine:
-    def __init__(self, trainers: list, rollouts: list, rollout_strategies: list, transport: str,
-                 bucket_bytes: int, device: str, timeout_s: float, verify_checksums: bool = True,
-                 verify_full: bool = False, rollout_tp_size: int = 1,
+    def __init__(self, trainers: list, rollouts: list, rollout_strategies: list, config: WeightSyncConfig,
+                 device: str, rollout_tp_size: int = 1,
                  tp_regions: Optional[Callable[[TensorMeta], list[Optional[Region]]]] = None):
         """`tp_regions` (reduce_scatter only): each tensor's region per rollout TP rank
-        (`rollout.tp_shards.region_rule`); with it every engine gets `rollout_tp_size` receivers."""
+        (`rollout.sglang.tp_shards.region_rule`); with it every engine gets `rollout_tp_size` receivers."""
         self.trainers, self.rollouts, self.rollout_strategies = trainers, rollouts, rollout_strategies
-        self.tp_size = rollout_tp_size if transport == "reduce_scatter" and tp_regions is not None else 1
+        self.tp_size = rollout_tp_size if config.transport == "reduce_scatter" and tp_regions is not None else 1
         self.tp_regions = tp_regions
-        self.transport, self.bucket_bytes, self.device = transport, bucket_bytes, device
-        self.timeout_s, self.verify_checksums, self.verify_full = timeout_s, verify_checksums, verify_full
+        self.transport, self.bucket_bytes, self.device = config.transport, config.bucket_bytes, device
+        self.timeout_s, self.verify_checksums, self.verify_full = config.timeout_s, config.verify_checksums, config.verify_full
         self.plan: Optional[list[Bucket]] = None
         self.receivers: list = []
         self.payload_bytes = 0

@@ -7,6 +7,7 @@ came within the timeout) the error names the members that stopped beating.
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -20,6 +21,13 @@ HEARTBEAT_S = 0.5
 
 class SyncError(RuntimeError):
     """A push failed; the message names the step, the bucket and the members that stopped answering."""
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def backend_for(device: str) -> str:

@@ -6,7 +6,7 @@ process, it keeps the collective and its buffers out of SGLang, and a crash of o
 reported by name instead of taking the engine down.
 
 With the reduce_scatter transport and a tensor-parallel engine there is one receiver per TP rank, each
-receiving only that rank's shard of every tensor (`rollout.tp_shards`). SGLang loads a bucket in all
+receiving only that rank's shard of every tensor (`rollout.sglang.tp_shards`). SGLang loads a bucket in all
 its TP workers with one request, so the engine's TP receivers load together: the others publish their
 chunk's handle in the sync group's store, the rank-0 receiver sends the engine one request carrying
 every rank's chunk and, once it was loaded, tells them their slots are free again.

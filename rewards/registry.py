@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-BUILTIN_MODULES = ("rewards.verifiable", "rewards.instructions", "rewards.code", "rewards.agentic")
+BUILTIN_MODULES = ("rewards.builtin.verifiable", "rewards.builtin.instructions", "rewards.builtin.code", "rewards.builtin.agentic")
 
 
 @dataclass(frozen=True)

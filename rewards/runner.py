@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import math
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Optional
 
 from rewards.isolation import call_in_process
 from rewards.registry import NonFiniteScore, RewardFunction, as_score, resolve
-from rl.advantages import by_group
+from rl.sample import by_group
 
 log = logging.getLogger(__name__)
 DEFAULT_TASK_TYPE = "default"
@@ -42,6 +43,19 @@ class RewardSpec:
     timeout_s: Optional[float] = None  # None: rewards.timeout_s
     memory_mb: Optional[int] = None  # process isolation: address-space limit of the child
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the function
+
+    def check(self) -> None:
+        """Raise ValueError('<field>: <why> (got <value>)') for the first bad field."""
+        try:
+            resolve(self.name, self.per_group)
+        except ValueError as exc:
+            raise ValueError(f"name: {exc}") from None
+        for name, ok, why in (("weight", math.isfinite(self.weight), "must be finite"),
+                              ("isolation", self.isolation in ISOLATIONS, f"must be one of {ISOLATIONS}"),
+                              ("timeout_s", self.timeout_s is None or self.timeout_s > 0, "must be > 0 or null"),
+                              ("memory_mb", self.memory_mb is None or self.memory_mb > 0, "must be > 0 or null")):
+            if not ok:
+                raise ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
 
 
 @dataclass

@@ -6,7 +6,6 @@ CPU; trainer rank i and the rollout engine share bundle 0..n-1, so they are colo
 from __future__ import annotations
 
 import os
-import socket
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
@@ -34,10 +33,3 @@ def colocated_bundles(num_bundles: int, timeout_s: float) -> PlacementGroup:
 
 def in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (for a process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,11 +11,12 @@ import ray
 from transformers import AutoConfig
 
 from checkpoint_engine.engine import CheckpointEngine
-from rl.cluster import colocated_bundles, free_port, in_bundle, start_ray
-from rl.config import Config, trainer_layout
-from rl.training_engine import TrainingEngine, resolve_device
-from rollout.sglang_engine import RolloutEngine
-from rollout.tp_shards import region_rule
+from checkpoint_engine.group import free_port
+from rl.cluster import colocated_bundles, in_bundle, start_ray
+from rl.config import Config
+from rl.trainer.engine import TrainingEngine, resolve_device
+from rollout.sglang.engine import RolloutEngine
+from rollout.sglang.tp_shards import region_rule
 
 log = logging.getLogger(__name__)
 PORT_ATTEMPTS = 3
@@ -32,7 +33,7 @@ class Engines:
 
     @classmethod
     def start(cls, config: Config, model_path: str) -> "Engines":
-        world = trainer_layout(config).world_size
+        world = config.trainer.layout().world_size
         w = config.agent.swarm
         bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
         start_ray(config.cluster, num_bundles=bundles)
@@ -83,9 +84,7 @@ class Engines:
                 trainers = start_trainers()
         ray.get([e.__ray_ready__.remote() for e in (rollout, subagents) if e is not None], timeout=timeout)
         s = config.sync
-        sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s.transport, int(s.bucket_mb * 2**20),
-                                device, s.timeout_s, s.verify_checksums, s.verify_full,
-                                rollout_tp_size=r.tensor_parallel_size,
+        sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s, device, rollout_tp_size=r.tensor_parallel_size,
                                 tp_regions=region_rule(AutoConfig.from_pretrained(model_path), r.tensor_parallel_size))
         sync.setup()  # the sub-agent engine is not among the sync's engines: its weights stay fixed
         return cls(trainers, rollout, sync, pg, subagents)

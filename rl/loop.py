@@ -14,23 +14,23 @@ from typing import Optional
 import ray
 from transformers import AutoTokenizer
 
-from rewards.critic_data import append_jsonl, judge_pairs, verified_pairs
+from rewards.builtin.critic_data import append_jsonl, judge_pairs, verified_pairs
 from rewards.runner import RewardRunner, part_means
-from rewards.self_critique import make_judge, use_policy
-from rl.advantages import group_advantages, uniform_groups
-from rl.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
-from rl.checkpoint import MARKER as CHECKPOINT_MARKER
+from rewards.builtin.self_critique import make_judge, use_policy
+from rl.algo.advantages import group_advantages, uniform_groups
+from rl.algo.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
+from rl.trainer.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.config import Config
 from rl.engines import Engines
 from rl.metrics import MetricsLogger
-from rl.ptx import PTXData
+from rl.algo.ptx import PTXData
 from rl.sample import Sample
-from rl.data import Prompt, PromptSource
-from rl.tasks import AdditionTask
-from rl.temperature import temperature_at
-from rl.warm_start import demo_model_path
-from rollout.agent_rollout import AgentRollout
-from rollout.agent_trace import for_training
+from rl.data.prompts import Prompt, PromptSource
+from rl.data.tasks import AdditionTask
+from rl.algo.schedules import parl_lambdas, temperature_at
+from rl.demo.warm_start import demo_model_path
+from rollout.agents.agent_rollout import AgentRollout
+from rollout.agents.trace import for_training
 from rollout.openai_gateway import OpenAIGateway, ray_complete
 
 
@@ -56,13 +56,13 @@ class RLLoop:
         r = config.rewards
         self.rewards = RewardRunner(r.task_types, r.timeout_s, r.concurrency, r.fallback)
         # The current policy behind an OpenAI-compatible endpoint: the default judge of self-critique
-        # rewards and of the critic check, and reachable by users' reward code (rewards.self_critique).
+        # rewards and of the critic check, and reachable by users' reward code (rewards.builtin.self_critique).
         template = (lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                     ) if getattr(tokenizer, "chat_template", None) else None
         self.gateway = OpenAIGateway(ray_complete(engines.rollout), chat_template=template,
                                      timeout_s=config.trainer.timeout_s)
         use_policy(self.gateway.url)
-        # multi-turn tool episodes instead of single responses (rollout/agent_rollout.py)
+        # multi-turn tool episodes instead of single responses (rollout/agents/agent_rollout.py)
         self.agentic = AgentRollout(config.agent, config.task, tokenizer, engines.rollout, engines.subagents,
                                     config.trainer.timeout_s) if config.agent.environment else None
 
@@ -83,7 +83,7 @@ class RLLoop:
         return samples
 
     def temperature(self, family: Optional[str] = None) -> float:
-        """This step's sampling temperature (rl/temperature.py): the rollout's schedule, or the family's
+        """This step's sampling temperature (rl/algo/schedules.py): the rollout's schedule, or the family's
         own when it sets a start temperature (with its own end, or none: constant)."""
         r = self.config.rollout
         f = self.config.data.families.get(family) if family else None
@@ -91,6 +91,12 @@ class RLLoop:
                                                                                                 r.temperature_end)
         return temperature_at(self.step_index, start, end, r.temperature_schedule,
                               r.temperature_decay_steps or self.config.steps)
+
+    def parl_lambdas(self) -> tuple[float, float]:
+        """PARL's lambda1 and lambda2 this step; by default zero at the run's last step (0-based steps - 1)."""
+        w = self.config.agent.swarm
+        return parl_lambdas(self.step_index, w.lambda_parallel, w.lambda_finish,
+                            w.anneal_steps or max(1, self.config.steps - 1), w.anneal_schedule)
 
     def _generate(self, samples: list[Sample], caps: Optional[list[int]] = None, partial: bool = False) -> list[Sample]:
         """Generate (or continue) each sample at its family's temperature of this step, by default up to
@@ -119,7 +125,7 @@ class RLLoop:
         self.budgets, self.default_budget = estimate_budgets(samples, b.toggle_percentile, b.correct_threshold)
 
     def shape_rewards(self, samples: list[Sample]) -> dict[str, float]:
-        """Budget control and length shaping (rl/budget.py), in the spec's order."""
+        """Budget control and length shaping (rl/algo/budget.py), in the spec's order."""
         b = self.config.budget
         if b.truncation_reward is not None:
             apply_truncation_reward(samples, b.truncation_reward)
@@ -132,7 +138,7 @@ class RLLoop:
         if b.length_penalty_weight and self.step_index >= b.length_penalty_start_step:
             apply_length_penalty(samples, b.length_penalty_weight, b.correct_threshold)
         if self.agentic is not None:
-            self.agentic.shape(samples, self.step_index, self.config.steps)  # PARL's terms
+            self.agentic.shape(samples, self.parl_lambdas())  # PARL's terms
         return {"toggle_zeroed": float(zeroed)} if b.toggle else {}
 
     def evaluate(self) -> Optional[float]:
@@ -303,7 +309,7 @@ class RLLoop:
                if f.temperature is not None},
             **sampling,
             **critic,
-            **(self.agentic.metrics(samples, self.step_index, c.steps) if self.agentic else {}),
+            **(self.agentic.metrics(samples, self.parl_lambdas()) if self.agentic else {}),
             # every round's generation
             "rollout_seconds": t1 - t0 - sampling["reward_seconds"] - critic.get("critic_seconds", 0.0),
             "train_seconds": t3 - t1,

@@ -6,13 +6,14 @@ import socket
 
 import pytest
 
-from rl.config import ModelConfig, TaskConfig, WarmStartConfig
+from rl.data.config import TaskConfig
+from rl.demo.config import ModelConfig, WarmStartConfig
 
 
 @pytest.fixture(scope="session")
 def demo_model() -> str:
     """The warm-started demo model the default run uses (built once, cached in .cache/models)."""
-    from rl.warm_start import demo_model_path
+    from rl.demo.warm_start import demo_model_path
 
     return demo_model_path(ModelConfig(), WarmStartConfig(), TaskConfig())
 
@@ -20,7 +21,7 @@ def demo_model() -> str:
 @pytest.fixture(scope="session")
 def random_model(tmp_path_factory) -> str:
     """A randomly initialised tiny Qwen2 (GQA, qkv bias, untied embeddings) in HF format."""
-    from rl.tiny_model import create_tiny_qwen2
+    from rl.demo.tiny_model import create_tiny_qwen2
 
     return create_tiny_qwen2(str(tmp_path_factory.mktemp("random-qwen2")), hidden_size=64, num_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, seed=3)
@@ -42,7 +43,7 @@ def make_samples(model_path: str, prompt: str, reference: str, responses, reward
     """One group of Samples for `prompt` (each response closed by EOS) with group-mean advantages."""
     from transformers import AutoTokenizer
 
-    from rl.advantages import group_advantages
+    from rl.algo.advantages import group_advantages
     from rl.sample import Sample
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -54,7 +55,7 @@ def make_samples(model_path: str, prompt: str, reference: str, responses, reward
 
 @pytest.fixture
 def stub_log(tmp_path, monkeypatch) -> str:
-    """A file every call to a CPU stand-in (rollout/cpu_stubs) is recorded in; it must stay empty."""
+    """A file every call to a CPU stand-in (rollout/sglang/cpu_stubs) is recorded in; it must stay empty."""
     path = str(tmp_path / "stub_calls.log")
     monkeypatch.setenv("TANDEM_CPU_STUB_LOG", path)
     return path

@@ -8,16 +8,17 @@ import re
 
 import pytest
 
-from rewards.agentic import apply_parl, environment_reward, parl_lambdas, r_finish, r_parallel
+from rewards.builtin.agentic import apply_parl, environment_reward, r_finish, r_parallel
+from rl.algo.schedules import parl_lambdas
 from rl.sample import Sample
-from rl.tiny_model import PRINTABLE, build_tokenizer
-from rollout.agent_loop import AgentLimits, AgentRunner, IterationBudget, TurnFormat
-from rollout.agent_trace import AgentTrace, Stage, SubagentRun, for_training
-from rollout.environments import BUILTIN, EnvironmentTask, environment_class
-from rollout.environments.calculator import CalculatorEnvironment, evaluate_arithmetic
-from rollout.environments.knowledge_base import WideSearchEnvironment, item_f1, knowledge_base
-from rollout.swarm import Swarm, SwarmSettings
-from rollout.tools import Tool, ToolCall, final_answer, parse_tool_calls, turn_regex
+from rl.demo.tiny_model import PRINTABLE, build_tokenizer
+from rollout.agents.agent_loop import AgentLimits, AgentRunner, IterationBudget, TurnFormat
+from rollout.agents.trace import AgentTrace, Stage, SubagentRun, for_training
+from rollout.agents.environments import BUILTIN, EnvironmentTask, environment_class
+from rollout.agents.environments.calculator import CalculatorEnvironment, evaluate_arithmetic
+from rollout.agents.environments.knowledge_base import WideSearchEnvironment, item_f1, knowledge_base
+from rollout.agents.swarm import Swarm, SwarmSettings
+from rollout.agents.tools import Tool, ToolCall, final_answer, parse_tool_calls, turn_regex
 
 TOK = build_tokenizer(PRINTABLE)
 ECHO = Tool("echo", "Echo the text.", {"type": "object", "properties": {"text": {"type": "string"},
@@ -191,7 +192,7 @@ def test_environments_generate_checkable_tasks():
     assert sorted(BUILTIN) == ["calculator", "deep_search", "wide_search"]
     with pytest.raises(ValueError, match="unknown environment"):
         environment_class("nope")
-    assert environment_class("rollout.environments.calculator:CalculatorEnvironment") is CalculatorEnvironment
+    assert environment_class("rollout.agents.environments.calculator:CalculatorEnvironment") is CalculatorEnvironment
     p = EnvironmentTask("calculator", 0, {}).problem(5)
     assert str(evaluate_arithmetic(p.prompt[len("What is "):-1])) == p.reference
     with pytest.raises(ValueError):
@@ -385,7 +386,7 @@ def test_a_subagent_cut_off_by_its_timeout_still_counts_its_steps():
         '<tool_call>{"name": "assign_task", "arguments": {"agent": "default", "prompt": "city of e01"}}</tool_call>'
         if "<tool_response>" not in p else "<answer>x</answer>"))
     runner = AgentRunner(orchestrator, TOK, AgentLimits(), TurnFormat(),
-                         Swarm(subagents, SwarmSettings(timeout_s=0.35)).tools)
+                         Swarm(subagents, SwarmSettings(subagent_timeout_s=0.35)).tools)
     s = run_episode(runner, WideSearchEnvironment(), "Find the city of each of e01.", "x")
     [run] = s.agent.subagents
     assert 2 <= run.steps < 50 and not run.completed and "timed out" in run.message

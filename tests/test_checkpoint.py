@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rl.objectives import ObjectiveSettings
+from rl.algo.objectives import ObjectiveSettings
 from tests.conftest import make_samples, pick_port
 
 STEP_TOLERANCE = 1e-6  # a step under another TP layout reduces in another order: equal up to fp32 rounding
@@ -59,7 +59,7 @@ def _global_tensors(sharded_sd) -> dict:
 
 
 def _moments(engine) -> dict:
-    from rl.checkpoint import model_sharded_state_dict, optimizer_sharded_state_dict
+    from rl.trainer.checkpoint import model_sharded_state_dict, optimizer_sharded_state_dict
 
     sharded, _ = optimizer_sharded_state_dict(model_sharded_state_dict([engine.model]), engine.optimizer)
     return _global_tensors(sharded)
@@ -85,8 +85,8 @@ def _leave(engine):
 
 def _round_a(model_path, port, ckpt, out):
     """TP=1: step, save A, step on; a twin engine loads A in the same layout and takes the same step."""
-    from rl.checkpoint import load_checkpoint, save_checkpoint
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu", grad_clip=1e9)
     engine.train_step(_first_batch(model_path), ObjectiveSettings(tau=0.0))
@@ -111,8 +111,8 @@ def _round_a(model_path, port, ckpt, out):
 
 def _round_load(rank, world, model_path, port, ckpt, out, save_to=None, export_to=None, pp=1):
     """TP=world/pp, PP=pp: load `ckpt`, optionally save it again, take the second step, optionally export."""
-    from rl.checkpoint import export_hf, load_checkpoint, save_checkpoint
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.checkpoint import export_hf, load_checkpoint, save_checkpoint
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, rank=rank, world_size=world, master_port=port,
                             tensor_parallel_size=world // pp, pipeline_parallel_size=pp, **ENGINE)
@@ -213,7 +213,7 @@ def test_checkpoint_saved_at_tp2_loads_at_pp2(chain):
 
 @pytest.mark.multiproc
 def test_incomplete_checkpoint_is_refused(chain, tmp_path):
-    from rl.checkpoint import MARKER, load_checkpoint
+    from rl.trainer.checkpoint import MARKER, load_checkpoint
 
     assert os.path.exists(os.path.join(chain["paths"]["A"], MARKER))
     with pytest.raises(FileNotFoundError):
@@ -249,7 +249,7 @@ def test_hf_export_loads_in_transformers_with_the_trained_weights(chain, random_
 def _generate_with_sglang(model_dir, out_path):
     """In a child process: SGLang's CPU set-up (stand-ins on the path) must not leak into pytest's."""
     from rl.sample import Sample
-    from rollout.sglang_engine import RolloutEngine
+    from rollout.sglang.engine import RolloutEngine
 
     engine = RolloutEngine(model_dir, device="cpu", max_total_tokens=1024, seed=0)
     try:
@@ -286,7 +286,7 @@ def test_hf_export_in_shards_loads_in_transformers(random_model, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from rl.checkpoint import export_hf
+    from rl.trainer.checkpoint import export_hf
 
     state = load_file(f"{random_model}/model.safetensors")
     export_hf(str(tmp_path), state, random_model, max_shard_bytes=64 * 1024)

@@ -1,8 +1,9 @@
 """The CPU stand-ins for CUDA-only packages import, and refuse (and record) any call."""
+import os
 import subprocess
 import sys
 
-from rollout import sglang_cpu
+from rollout.sglang import cpu as sglang_cpu
 
 
 def test_stub_call_raises_and_is_recorded(tmp_path):
@@ -21,7 +22,11 @@ def test_stub_call_raises_and_is_recorded(tmp_path):
 
 
 def test_stubs_are_not_visible_unless_applied():
-    proc = subprocess.run([sys.executable, "-c", "import sgl_kernel"], capture_output=True, text=True, timeout=60)
+    # a test that started SGLang on CPU in this process put the stand-ins on PYTHONPATH: leave them out
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != sglang_cpu.STUBS_DIR]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.run([sys.executable, "-c", "import sgl_kernel"], capture_output=True, text=True, timeout=60,
+                          env=env)
     assert proc.returncode != 0 and "No module named 'sgl_kernel'" in proc.stderr
 
 
@@ -29,7 +34,7 @@ def test_training_engine_process_never_gets_the_stubs(random_model, free_port):
     """Only the rollout process tree runs with the stand-ins; the trainer imports the real world."""
     code = (
         "import importlib.util, sys\n"
-        "from rl.training_engine import TrainingEngine\n"
+        "from rl.trainer.engine import TrainingEngine\n"
         f"TrainingEngine({random_model!r}, master_port={free_port}, device='cpu')\n"
         "print('stubs' if any('cpu_stubs' in p for p in sys.path) or importlib.util.find_spec('sgl_kernel') else 'clean')\n"
     )

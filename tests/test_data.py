@@ -1,13 +1,14 @@
-"""Prompt sets and task families (rl/data.py): files and `datasets` directories, weights, budgets, and
+"""Prompt sets and task families (rl/data/prompts.py): files and `datasets` directories, weights, budgets, and
 a stream that is a function of the seed and the position (so a resumed run draws the same prompts)."""
 import json
 from collections import Counter
 
 import pytest
 
-from rl.config import ConfigError, DataConfig, TaskConfig, TaskFamilyConfig, load_config
-from rl.data import PromptSource
-from rl.tasks import AdditionTask
+from rl.config import ConfigError, load_config
+from rl.data.config import DataConfig, TaskConfig, TaskFamilyConfig
+from rl.data.prompts import PromptSource
+from rl.data.tasks import AdditionTask
 
 ROWS = [{"question": f"q{i}", "solution": str(i), "kind": "math" if i % 2 else "logic", "limit": 2 + i % 3}
         for i in range(10)]

@@ -3,14 +3,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.objectives import ObjectiveSettings
+from rl.algo.objectives import ObjectiveSettings
 from tests.conftest import make_samples
 
 
 def _worker(model_path, port, ckpt, export, out):
     from transformers import AutoModelForCausalLM
 
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
     samples = make_samples(model_path, "1+2=", "3", ["3", "4"], [1.0, 0.0])

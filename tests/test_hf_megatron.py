@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from rl.hf_megatron import Geometry, full_to_hf, hf_to_full
-from rl.training_engine import load_hf_state_dict
+from rl.trainer.models.dense import Geometry, full_to_hf, hf_to_full
+from rl.trainer.engine import load_hf_state_dict
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -19,9 +19,9 @@ def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
     from rl.engines import Engines
     from rl.loop import RLLoop
     from rl.metrics import MetricsLogger
-    from rl.warm_start import demo_model_path
-    from rollout.environments.knowledge_base import WideSearchEnvironment
-    from rollout.swarm import SwarmSettings
+    from rl.demo.warm_start import demo_model_path
+    from rollout.agents.environments.knowledge_base import WideSearchEnvironment
+    from rollout.agents.swarm import SwarmSettings
 
     run_dir = str(tmp_path / "run")
     with initialize(config_path="../conf", version_base="1.3"):

@@ -60,7 +60,7 @@ def test_rl_steps_keep_rollout_and_trainer_in_sync(demo_model, tmp_path, stub_lo
 def test_rl_steps_with_tensor_parallel_trainer_and_rollout(demo_model, tmp_path):
     """Two Megatron TP ranks in two colocated bundles and an SGLang engine with two TP ranks. With
     reduce_scatter each trainer rank adds its own shards (no gather on the trainers) and each SGLang TP
-    rank's receiver gets only that rank's shard of every split tensor (`rollout.tp_shards`); the full
+    rank's receiver gets only that rank's shard of every split tensor (`rollout.sglang.tp_shards`); the full
     check compares every SGLang parameter with the trainer's after each push."""
     metrics = _run(demo_model, tmp_path, trainer={"tensor_parallel_size": 2},
                    rollout={"prompts_per_step": 8, "samples_per_prompt": 4, "tensor_parallel_size": 2},

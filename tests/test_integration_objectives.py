@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from rl.config import AlgorithmConfig, BudgetConfig, load_config
+from rl.algo.config import AlgorithmConfig, BudgetConfig
+from rl.config import load_config
 
 MISMATCH_TOLERANCE = 1e-3
 CASES = [  # algorithm settings in the order they run, two steps each

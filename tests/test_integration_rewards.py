@@ -7,7 +7,7 @@ import string
 import pytest
 
 from rl.config import load_config
-from rl.tiny_model import create_tiny_qwen2
+from rl.demo.tiny_model import create_tiny_qwen2
 
 VERDICT = {"regex": r"\[\[(A|B|TIE)\]\]"}  # SGLang's constrained decoding: the tiny policy's verdicts parse
 

@@ -9,7 +9,7 @@ TOLERANCE = 1e-4
 
 
 def _worker(rank, world_size, model_path, port, input_ids, perturb, out_path):
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, rank=rank, world_size=world_size, master_port=port,
                             tensor_parallel_size=world_size, device="cpu")

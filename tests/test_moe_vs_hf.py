@@ -23,7 +23,7 @@ EP2_ARCHITECTURES = ["deepseek_v3", "qwen3_moe"]
 
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory) -> dict[str, str]:
-    from rl.tiny_model import create_tiny_deepseek_v3, create_tiny_qwen3_moe
+    from rl.demo.tiny_model import create_tiny_deepseek_v3, create_tiny_qwen3_moe
 
     root = tmp_path_factory.mktemp("moe-models")
     return {
@@ -63,7 +63,7 @@ def _expert_shard(full: dict, ep_rank: int, ep_size: int, experts: int) -> dict:
 def _megatron_results(model, model_path, input_ids, world_size) -> dict:
     from megatron.core import parallel_state as ps
 
-    from rl.hf_megatron_moe import hf_to_full, num_experts
+    from rl.trainer.models.moe import hf_to_full, num_experts
 
     hf_config = AutoConfig.from_pretrained(model_path)
     full = hf_to_full(load_file(f"{model_path}/model.safetensors"), hf_config)
@@ -101,8 +101,8 @@ def _worker(rank, world_size, model_paths, port, input_ids, out_path):
     """One rank: build and load every model in `model_paths` (one process start for all of them)."""
     from megatron.core import parallel_state as ps
 
-    from rl import megatron_cpu
-    from rl.hf_megatron_moe import build_model
+    from rl.trainer import megatron_cpu
+    from rl.trainer.models.moe import build_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     ps.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=world_size)
@@ -141,7 +141,7 @@ def megatron_ep2(moe_models, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_hf_full_round_trip_is_bitwise(moe_models, arch):
-    from rl.hf_megatron_moe import full_to_hf, hf_to_full
+    from rl.trainer.models.moe import full_to_hf, hf_to_full
 
     path = moe_models[arch]
     hf_config = AutoConfig.from_pretrained(path)
@@ -154,7 +154,7 @@ def test_hf_full_round_trip_is_bitwise(moe_models, arch):
 
 def test_fused_expert_layout_converts_like_the_checkpoint(moe_models):
     """transformers' in-memory state (experts fused into [E, 2I, H]) gives the same full state."""
-    from rl.hf_megatron_moe import hf_to_full
+    from rl.trainer.models.moe import hf_to_full
 
     path = moe_models["deepseek_v3"]
     hf_config = AutoConfig.from_pretrained(path)
@@ -167,7 +167,7 @@ def test_fused_expert_layout_converts_like_the_checkpoint(moe_models):
 
 
 def test_unknown_hf_tensor_is_an_error(moe_models):
-    from rl.hf_megatron_moe import hf_to_full
+    from rl.trainer.models.moe import hf_to_full
 
     path = moe_models["qwen3_moe"]
     hf_state = load_file(f"{path}/model.safetensors")

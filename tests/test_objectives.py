@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rl.advantages import group_advantages, uniform_groups
-from rl.objectives import ObjectiveSettings, sample_losses, sample_weights, truncated_importance_weights
+from rl.algo.advantages import group_advantages, uniform_groups
+from rl.algo.objectives import ObjectiveSettings, sample_losses, sample_weights, truncated_importance_weights
 from rl.sample import Sample
 
 
@@ -218,7 +218,7 @@ def test_grpo_loss_equals_trl_grpo_trainer(random_model, tmp_path, loss_type, ag
 
 # --- temperature decay ------------------------------------------------------------------------------
 def test_temperature_schedules_by_hand():
-    from rl.temperature import temperature_at
+    from rl.algo.schedules import temperature_at
 
     assert temperature_at(5, 1.0, None, "linear", 10) == 1.0  # no end: constant
     assert [temperature_at(s, 1.2, 0.8, "linear", 4) for s in (0, 1, 4, 9)] == pytest.approx([1.2, 1.1, 0.8, 0.8])
@@ -227,7 +227,7 @@ def test_temperature_schedules_by_hand():
     assert temperature_at(2, 1.6, 0.4, "exponential", 4) == pytest.approx(0.8)  # geometric mean half way
 
 
-# --- budget control and length shaping (rl/budget.py) ----------------------------------------------
+# --- budget control and length shaping (rl/algo/budget.py) ----------------------------------------------
 def _responses(group, lengths, rewards, prompt="p", finish="stop"):
     return [Sample(group_id=group, prompt=prompt, prompt_ids=[0], reference="", response_ids=[1] * n,
                    task_reward=r, reward=r, finish_reason=finish) for n, r in zip(lengths, rewards)]
@@ -235,7 +235,7 @@ def _responses(group, lengths, rewards, prompt="p", finish="stop"):
 
 def test_k15_length_penalty_worked_example():
     """kimi-rl-spec §2.1: lengths 1k/2k/3k/5k give lambda 0.5/0.25/0/-0.5; wrong answers get min(0, lambda)."""
-    from rl.budget import apply_length_penalty, length_rewards
+    from rl.algo.budget import apply_length_penalty, length_rewards
 
     assert length_rewards([1000, 2000, 3000, 5000], [True] * 4) == [0.5, 0.25, 0.0, -0.5]
     assert length_rewards([1000, 2000, 3000, 5000], [False] * 4) == [0.0, 0.0, 0.0, -0.5]
@@ -247,7 +247,7 @@ def test_k15_length_penalty_worked_example():
 
 
 def test_k2_truncated_responses_get_the_penalty_reward():
-    from rl.budget import apply_truncation_reward
+    from rl.algo.budget import apply_truncation_reward
 
     samples = _responses(0, [3, 8], [1.0, 1.0]) + _responses(0, [8], [1.0], finish="length")
     apply_truncation_reward(samples, -1.0)
@@ -255,7 +255,7 @@ def test_k2_truncated_responses_get_the_penalty_reward():
 
 
 def test_toggle_phases_and_budget_by_hand():
-    from rl.budget import apply_toggle, estimate_budgets, toggle_budget_limited
+    from rl.algo.budget import apply_toggle, estimate_budgets, toggle_budget_limited
 
     # m = 3: steps 0-2 budget-limited (Phase0), 3-5 standard (Phase1), 6-8 Phase0 again
     assert [toggle_budget_limited(t, 3) for t in range(9)] == [True] * 3 + [False] * 3 + [True] * 3
@@ -282,7 +282,7 @@ def test_toggle_phases_and_budget_by_hand():
 def test_micro_batches_carry_token_masks_temperatures_and_ptx_rows():
     """Old segments of a partial rollout left out by `Sample.loss_mask`; each row's temperature and
     PTX flag; the rollout engine's logprobs beside the trainer's."""
-    from rl.micro_batches import split_micro_batches
+    from rl.trainer.micro_batches import split_micro_batches
 
     partial = Sample(group_id=0, prompt="", prompt_ids=[5, 6], reference="", response_ids=[7, 8, 9],
                      token_versions=[3, 3, 4], loss_mask=[0.0, 0.0, 1.0], temperature=0.7,

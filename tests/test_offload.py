@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.objectives import ObjectiveSettings
-from rl.offload import CATEGORIES, Offloader
+from rl.algo.objectives import ObjectiveSettings
+from rl.trainer.offload import CATEGORIES, Offloader
 from tests.conftest import make_samples, pick_port
 
 
@@ -53,7 +53,7 @@ def _hf(engine):
 
 
 def _train_equivalence(model_path, port, out_path):
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu")
     ref = TrainingEngine(model_path, master_port=port, device="cpu")  # same seed and weights, never offloaded
@@ -142,7 +142,7 @@ def _megatron_ddp_cycle(model_path, port):
     """Megatron DDP's contiguous grad buffer: main_grad views survive, and its backward hooks still fire."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     def wrapped():
         engine = TrainingEngine(model_path, master_port=port, device="cpu")

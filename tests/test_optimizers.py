@@ -1,4 +1,4 @@
-"""MuonClip (rl.optimizers): Newton-Schulz, the Muon/AdamW step, TP=2 == TP=1 == HF-space reference,
+"""MuonClip (rl.trainer.optim.muon): Newton-Schulz, the Muon/AdamW step, TP=2 == TP=1 == HF-space reference,
 the recorded attention logits and QK-Clip on the Megatron engine (gloo, spawned processes)."""
 import copy
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.objectives import ObjectiveSettings
-from rl.optimizers import MatrixLayout, Muon, muon_scale, newton_schulz
+from rl.algo.objectives import ObjectiveSettings
+from rl.trainer.optim.muon import MatrixLayout, Muon, muon_scale, newton_schulz
 from tests.conftest import pick_port
 
 LR, WD = 0.05, 0.1
@@ -155,9 +155,9 @@ def _copy(state):
 
 
 def _worker(rank, tp, model_path, port, inputs, out_path):
-    from rl.optimizers import apply_qk_clip, build_optimizer, reset_max_attn_logits
+    from rl.trainer.optim.muon import apply_qk_clip, build_optimizer, reset_max_attn_logits
     from rl.sample import Sample
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     torch.set_num_threads(1)  # three processes share two cores
     engine = TrainingEngine(model_path, rank=rank, world_size=tp, master_port=port, tensor_parallel_size=tp,

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.advantages import group_advantages
+from rl.algo.advantages import group_advantages
 from rl.sample import Sample
-from rl.training_engine import load_hf_state_dict
+from rl.trainer.engine import load_hf_state_dict
 
 TOLERANCE = 2e-5
 
@@ -31,8 +31,8 @@ def _samples() -> list[Sample]:
 
 
 def _worker(rank, world_size, model_path, port, layout, out_path):
-    from rl.objectives import ObjectiveSettings
-    from rl.training_engine import TrainingEngine
+    from rl.algo.objectives import ObjectiveSettings
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, rank=rank, world_size=world_size, master_port=port, device="cpu", **layout)
     samples = _samples()
@@ -56,7 +56,7 @@ def run_layout(model_path, world_size, port, tmp_path, **layout):
 
 @pytest.fixture(scope="module")
 def tied_model(tmp_path_factory) -> str:
-    from rl.tiny_model import create_tiny_qwen2
+    from rl.demo.tiny_model import create_tiny_qwen2
 
     return create_tiny_qwen2(str(tmp_path_factory.mktemp("tied-qwen2")), hidden_size=64, num_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, seed=5,
@@ -108,7 +108,7 @@ def test_pipeline_with_tied_embeddings_equals_one_process(tied_model, free_port,
 
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory) -> dict:
-    from rl.tiny_model import create_tiny_deepseek_v3, create_tiny_qwen3_moe
+    from rl.demo.tiny_model import create_tiny_deepseek_v3, create_tiny_qwen3_moe
 
     return {"qwen3_moe": create_tiny_qwen3_moe(str(tmp_path_factory.mktemp("qwen3-moe"))),
             "deepseek_v3": create_tiny_deepseek_v3(str(tmp_path_factory.mktemp("deepseek-v3")))}
@@ -130,8 +130,8 @@ def test_moe_layout_equals_one_process(moe_models, free_port, tmp_path, arch, la
 def test_bad_layout_fails_before_any_process_group():
     import torch.distributed as dist
 
-    from rl.parallel_layout import LayoutError
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.parallel_layout import LayoutError
+    from rl.trainer.engine import TrainingEngine
 
     with pytest.raises(LayoutError, match=r"^trainer.tensor_parallel_size: must divide the 4 attention heads \(got 3\)$"):
         TrainingEngine(_tiny_path(), world_size=3, tensor_parallel_size=3, device="cpu")
@@ -141,7 +141,7 @@ def test_bad_layout_fails_before_any_process_group():
 def _tiny_path():
     import tempfile
 
-    from rl.tiny_model import create_tiny_qwen2
+    from rl.demo.tiny_model import create_tiny_qwen2
 
     return create_tiny_qwen2(tempfile.mkdtemp(), hidden_size=32, num_layers=2, num_attention_heads=4,
                              num_key_value_heads=4, intermediate_size=48)
@@ -153,14 +153,14 @@ def _tiny_path():
     (dict(world_size=3, tensor_parallel_size=2), "world_size: must be a multiple of"),
 ])
 def test_layout_check_names_the_setting(layout, message):
-    from rl.parallel_layout import LayoutError, ParallelLayout
+    from rl.trainer.parallel_layout import LayoutError, ParallelLayout
 
     with pytest.raises(LayoutError, match=message):
         ParallelLayout(**layout).check(num_layers=2, num_heads=4, num_kv_heads=2)
 
 
 def test_expert_parallel_must_divide_experts_and_data_parallel():
-    from rl.parallel_layout import LayoutError, ParallelLayout
+    from rl.trainer.parallel_layout import LayoutError, ParallelLayout
 
     with pytest.raises(LayoutError, match="expert_parallel_size: must divide the 6 experts"):
         ParallelLayout(world_size=4, expert_parallel_size=4).check(num_layers=2, num_heads=4, num_kv_heads=2, num_experts=6)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rewards.code import code_tests, extract_code
+from rewards.builtin.code import code_tests, extract_code
 from rewards.sandbox import REPO_ROOT, Limits, Sandbox, isolation_mode
 from rl.sample import Sample
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from rewards.self_critique import (CORE_RUBRICS, judge_group, judge_prompt, ordered_pairs, parse_verdict,
+from rewards.builtin.self_critique import (CORE_RUBRICS, judge_group, judge_prompt, ordered_pairs, parse_verdict,
                                    rubric_bundle, win_rates)
 from rl.sample import Sample
 
@@ -55,7 +55,7 @@ def test_judge_group_asks_both_orders_with_the_rubric_bundle():
 
 
 def test_critic_pairs_come_from_verified_groups_and_agreement_is_measured(tmp_path):
-    from rewards.critic_data import append_jsonl, judge_pairs, verified_pairs
+    from rewards.builtin.critic_data import append_jsonl, judge_pairs, verified_pairs
 
     def sample(group, response, reward):
         s = Sample(group_id=group, prompt=f"p{group}", prompt_ids=[1], reference="", response=response)

@@ -12,11 +12,11 @@ import urllib.request
 
 import pytest
 
-from rewards.critic_data import judge_pairs, verified_pairs
+from rewards.builtin.critic_data import judge_pairs, verified_pairs
 from rewards.runner import RewardRunner, RewardSpec
-from rewards.self_critique import Judge
+from rewards.builtin.self_critique import Judge
 from rl.sample import Sample
-from rl.tiny_model import create_tiny_qwen2
+from rl.demo.tiny_model import create_tiny_qwen2
 from tests.conftest import pick_port
 
 VERDICT_REGEX = r"\[\[(A|B|TIE)\]\]"
@@ -24,7 +24,7 @@ VERDICT_REGEX = r"\[\[(A|B|TIE)\]\]"
 
 @pytest.fixture(scope="module")
 def judge_server(tmp_path_factory):
-    from rollout import sglang_cpu
+    from rollout.sglang import cpu as sglang_cpu
 
     path = str(tmp_path_factory.mktemp("judge"))
     characters = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")  # the judge prompt's

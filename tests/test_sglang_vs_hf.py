@@ -1,5 +1,5 @@
 """SGLang's Engine on CPU: greedy continuations equal HF transformers', no CPU stand-in is ever called,
-and the CPU accommodations of rollout/sglang_cpu.py are in place."""
+and the CPU accommodations of rollout/sglang/cpu.py are in place."""
 import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
@@ -12,7 +12,7 @@ def engine_factory():
     engines = {}  # one engine per model for the whole module (each start costs about 25 s)
 
     def make(path):
-        from rollout.sglang_engine import RolloutEngine
+        from rollout.sglang.engine import RolloutEngine
 
         if path not in engines:
             engines[path] = RolloutEngine(path, device="cpu", max_total_tokens=2048, seed=0)
@@ -42,7 +42,7 @@ def test_greedy_continuation_equals_hf(demo_model, engine_factory, stub_log):
 
 @pytest.mark.integration
 def test_cpu_schedulers_froze_their_start_up_objects(demo_model, engine_factory):
-    """rollout/sglang_cpu.freeze_gc ran in the scheduler, so SGLang's per-flush gc.collect() skips its
+    """rollout/sglang/cpu.freeze_gc ran in the scheduler, so SGLang's per-flush gc.collect() skips its
     start-up heap (which cost 0.35 s per weight push); flushing still works."""
     engine = engine_factory(demo_model)
     assert len(engine.frozen_objects) == 1 and engine.frozen_objects[0] > 10_000, engine.frozen_objects

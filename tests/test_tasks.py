@@ -2,8 +2,8 @@
 import json
 import os
 
-from rewards.verifiable import exact_match
-from rl.tasks import AdditionTask
+from rewards.builtin.verifiable import exact_match
+from rl.data.tasks import AdditionTask
 
 
 def test_addition_stream_is_deterministic_and_checkable():

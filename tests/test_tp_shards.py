@@ -14,13 +14,13 @@ import torch.distributed as dist
 
 from checkpoint_engine.buckets import Bucket, Region, TensorMeta
 from checkpoint_engine.receiver import TPRankDelivery
-from rollout.tp_shards import region_rule, vocab_rows
+from rollout.sglang.tp_shards import region_rule, vocab_rows
 from tests.conftest import pick_port
 
 
 @pytest.fixture(scope="module")
 def sglang_vocab_layer():
-    from rollout import sglang_cpu
+    from rollout.sglang import cpu as sglang_cpu
 
     sglang_cpu.apply()
     import sglang.srt.layers.vocab_parallel_embedding as vpe

@@ -5,16 +5,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.advantages import group_advantages
-from rl.objectives import ObjectiveSettings
+from rl.algo.advantages import group_advantages
+from rl.algo.objectives import ObjectiveSettings
 from rl.sample import Sample
-from rl.training_engine import lr_factor
+from rl.trainer.engine import lr_factor
 
 
 def _sgd_step(model_path, port, rewards, out_path):
     from transformers import AutoTokenizer
 
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu")
     engine.optimizer = torch.optim.SGD(engine.model.parameters(), lr=0.05)  # a step along the gradient itself
@@ -35,7 +35,7 @@ def _sgd_step(model_path, port, rewards, out_path):
 def _reset_between_adam_steps(model_path, port, rewards, out_path):
     from transformers import AutoTokenizer
 
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -55,7 +55,7 @@ def _ptx_terms(model_path, port, rewards, out_path):
     """The PTX loss and gradients: demonstrations alone, rollouts alone, and both in one minibatch."""
     from transformers import AutoTokenizer
 
-    from rl.training_engine import TrainingEngine
+    from rl.trainer.engine import TrainingEngine
 
     engine = TrainingEngine(model_path, master_port=port, device="cpu")
     tok = AutoTokenizer.from_pretrained(model_path)

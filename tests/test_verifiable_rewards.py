@@ -2,8 +2,8 @@
 instruction-following checks."""
 import pytest
 
-from rewards.instructions import check, instruction_following
-from rewards.verifiable import math_verify_reward, normalize_answer, normalized_match_reward
+from rewards.builtin.instructions import check, instruction_following
+from rewards.builtin.verifiable import math_verify_reward, normalize_answer, normalized_match_reward
 from rl.sample import Sample
 
 

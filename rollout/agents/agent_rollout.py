@@ -1,0 +1,102 @@
+"""Agentic rollouts for the RL loop: episodes instead of single responses (`agent.environment` set).
+
+Wires the pieces for one run: the policy engine's turns (batched), the episode runner, and with
+`agent.swarm.enabled` the PARL swarm whose sub-agents run on the frozen sub-agent engine. The loop
+calls `start` on each new sample, `run` on the samples of a generation round, `shape` after the task
+rewards, and `metrics` for the step's log; `subagent_records` are written to subagents.jsonl.
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+from typing import Optional
+
+import ray
+
+from rewards.builtin.agentic import apply_parl, r_finish, r_parallel
+from rl.sample import Sample
+from rollout.agents.agent_loop import AgentLimits, AgentRunner, IterationBudget, TurnFormat
+from rollout.batching import Batcher
+from rollout.agents.environments import environment_class
+from rollout.agents.swarm import Swarm, SwarmSettings
+
+
+def engine_turns(engine, timeout_s: float) -> Batcher:
+    """Turns of concurrent episodes batched into `RolloutEngine.generate_turns` calls on a Ray actor."""
+    return Batcher(lambda _key, requests: engine.generate_turns.remote(requests).future(), timeout_s)
+
+
+class AgentRollout:
+    def __init__(self, agent, task, tokenizer, policy_engine, subagent_engine, timeout_s: float):
+        """`agent`/`task`: rl.config.AgentConfig / TaskConfig; `subagent_engine` None without a swarm."""
+        self.config, self.tokenizer = agent, tokenizer
+        self.env_cls = environment_class(agent.environment)
+        self.env_options = {**(task.options if task.name == agent.environment else {}), **agent.environment_options}
+        self.policy_turns = engine_turns(policy_engine, timeout_s)
+        fmt = TurnFormat(agent.tool_result, agent.constrain_format, agent.answer_chars, agent.describe_tools)
+        w = agent.swarm
+        context = ray.get(policy_engine.context_length.remote(), timeout=timeout_s)
+        limits = AgentLimits(agent.max_turns, agent.max_tool_calls, agent.max_tokens, agent.max_turn_tokens,
+                             agent.max_calls_per_turn, agent.tool_timeout_s,
+                             w.max_critical_steps if w.enabled else None, context)
+        self.swarm: Optional[Swarm] = None
+        tools_for = None
+        if w.enabled:
+            self.subagent_turns = engine_turns(subagent_engine, timeout_s)
+            sub_limits = AgentLimits(w.subagent_max_turns, agent.max_tool_calls, w.subagent_max_tokens,
+                                     w.subagent_max_turn_tokens, agent.max_calls_per_turn, agent.tool_timeout_s,
+                                     max_context=ray.get(subagent_engine.context_length.remote(), timeout=timeout_s))
+            subagents = AgentRunner(self.subagent_turns.submit, tokenizer, sub_limits, fmt, score=False)
+            self.swarm = Swarm(subagents, SwarmSettings(w.max_subagents, w.max_parallel, w.orchestrator_env_tools,
+                                                        w.subagent_temperature, w.subagent_timeout_s))
+            tools_for = self.swarm.tools
+        self.runner = AgentRunner(self.policy_turns.submit, tokenizer, limits, fmt, tools_for)
+
+    def start(self, sample: Sample) -> Sample:
+        system = self.swarm.settings.system_prompt if self.swarm else None
+        return self.runner.start(sample, self.env_cls(**self.env_options), system)
+
+    def run(self, samples: list[Sample], partial: bool = True) -> list[Sample]:
+        """Run (or continue) the episodes; with `partial`, each may spend this iteration's budget only."""
+        c = self.config
+        budget = IterationBudget.starting_now(c.partial_tokens, c.partial_seconds) if partial else None
+        return asyncio.run(self.runner.run_all(samples, c.concurrency, budget))
+
+    def shape(self, samples: list[Sample], lambdas: tuple[float, float]) -> None:
+        """PARL's auxiliary rewards on top of the task reward (a swarm run), with this step's lambdas."""
+        if self.swarm is not None and samples:
+            w = self.config.swarm
+            apply_parl(samples, *lambdas, w.parallel_reward, w.parallel_cap, w.budget_penalty)
+
+    def metrics(self, samples: list[Sample], lambdas: tuple[float, float]) -> dict[str, float]:
+        """The step's episode statistics: steps (critical and total), tools, sub-agents, PARL terms."""
+        traces = [s.agent for s in samples if s.agent is not None]
+        if not traces:
+            return {}
+        mean = lambda values: float(statistics.fmean(values)) if values else 0.0  # noqa: E731
+        out = {"critical_steps": mean([t.critical_steps for t in traces]),
+               "total_steps": mean([t.total_steps for t in traces]),
+               "turns": mean([t.turns for t in traces]),
+               "tool_calls": mean([t.tool_calls for t in traces]),
+               "invalid_tool_calls": mean([t.invalid_calls for t in traces]),
+               "answered": mean([t.stop == "answer" for t in traces])}
+        if self.swarm is not None:
+            w = self.config.swarm
+            stages = [len(st.sub_steps) for t in traces for st in t.stages]
+            runs = [r for t in traces for r in t.subagents]
+            l1, l2 = lambdas
+            out.update({"lambda_parallel": l1, "lambda_finish": l2,
+                        "subagents": mean([len(t.subagents) for t in traces]),
+                        "subagents_per_stage": mean(stages),
+                        "subagent_steps": mean([r.steps for r in runs]),
+                        "subagent_tokens": float(sum(len(r.response_ids) for r in runs)),
+                        "r_parallel": mean([r_parallel(t, w.parallel_reward, w.parallel_cap) for t in traces]),
+                        "r_finish": mean([r_finish(t) for t in traces])})
+        return out
+
+    @staticmethod
+    def subagent_records(samples: list[Sample], step: int) -> list[dict]:
+        """The step's sub-agent trajectories, for <run dir>/subagents.jsonl (never trained on)."""
+        return [{"step": step, "group_id": s.group_id, "agent": r.agent, "prompt": r.prompt, "message": r.message,
+                 "steps": r.steps, "completed": r.completed, "tokens": len(r.response_ids)}
+                for s in samples if s.agent is not None for r in s.agent.subagents]

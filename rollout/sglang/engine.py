@@ -1,0 +1,156 @@
+"""A rollout engine: one SGLang `Engine` generating K samples per prompt, token-in/token-out.
+
+Prompts go in as token ids and responses come back as the exact sampled ids with SGLang's per-token
+logprobs, so nothing is re-tokenised. Every sample is stamped with the engine's weight version.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional, Union
+
+import torch
+
+from rl.sample import Sample
+from rollout.sglang import loader as sglang_loader
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _export_repo_to_workers() -> None:
+    """SGLang's worker processes import our weight loaders by module path: put the repo on their path."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if REPO_ROOT not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, REPO_ROOT])
+
+
+class RolloutEngine:
+    def __init__(self, model_path: str, device: str = "auto", tensor_parallel_size: int = 1,
+                 max_total_tokens: int = 8192, mem_fraction_static: float = 0.3, dtype: str = "float32",
+                 seed: int = 0, release_memory_during_train: bool = False):
+        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs: dict = {}
+        loaders = list(sglang_loader.LOADERS)
+        if self.device == "cpu":
+            from rollout.sglang import cpu as sglang_cpu
+
+            sglang_cpu.apply()
+            kwargs.update(sglang_cpu.engine_kwargs(tensor_parallel_size))
+            loaders += sglang_cpu.LOADERS
+        else:
+            kwargs.update(mem_fraction_static=mem_fraction_static, enable_memory_saver=release_memory_during_train)
+        _export_repo_to_workers()
+        import sglang
+
+        self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
+                                    max_total_tokens=max_total_tokens, random_seed=seed, log_level="error",
+                                    custom_weight_loader=loaders, **kwargs)
+        # CPU: objects each scheduler process keeps from start-up, now out of the collector's reach
+        self.frozen_objects = sglang_cpu.after_start(self.engine) if self.device == "cpu" else []
+        self.tokenizer = self.engine.tokenizer_manager.tokenizer
+        self.weight_version = 0
+        self.can_release_memory = self.device != "cpu" and release_memory_during_train
+
+    def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]]) -> list[Sample]:
+        """Generate each sample's response at its own temperature, or continue it from the tokens it
+        already has (a partial rollout resumed under newer weights): appends response ids, rollout
+        logprobs and, per new token, the weight version; sets text, finish reason and the latest
+        weight version. `max_new_tokens`: one cap for all, or one per sample."""
+        caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(samples)
+        outputs = self.engine.generate(
+            input_ids=[s.tokens for s in samples],
+            sampling_params=[{"temperature": s.temperature, "max_new_tokens": cap} for s, cap in zip(samples, caps)],
+            return_logprob=True,
+        )
+        for s, out in zip(samples, outputs):
+            new = list(out["output_ids"])
+            s.response_ids = s.response_ids + new
+            s.rollout_logprobs = s.rollout_logprobs + [lp for lp, _tok, _text in out["meta_info"]["output_token_logprobs"]]
+            s.token_versions = s.token_versions + [self.weight_version] * len(new)
+            s.response = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
+            s.finish_reason = out["meta_info"]["finish_reason"]["type"]
+            s.weight_version = self.weight_version
+        return samples
+
+    def generate_turns(self, requests: list[dict]) -> list[dict]:
+        """One agent turn per request, token-in/token-out: each request has `input_ids`, `max_new_tokens`,
+        `temperature` and optionally `regex`; each result the sampled `output_ids` (a final EOS
+        included), their `logprobs`, `finish_reason`, `text` and the engine's `weight_version`."""
+        params = [{"temperature": r["temperature"], "max_new_tokens": r["max_new_tokens"],
+                   **({"regex": r["regex"]} if r.get("regex") else {})} for r in requests]
+        outputs = self.engine.generate(input_ids=[r["input_ids"] for r in requests], sampling_params=params,
+                                       return_logprob=True)
+        return [{"output_ids": list(o["output_ids"]),
+                 "logprobs": [lp for lp, _tok, _text in o["meta_info"]["output_token_logprobs"]],
+                 "finish_reason": o["meta_info"]["finish_reason"]["type"],
+                 "text": self.tokenizer.decode(o["output_ids"], skip_special_tokens=True),
+                 "weight_version": self.weight_version} for o in outputs]
+
+    def context_length(self) -> int:
+        """The longest sequence (prompt and output) the engine accepts."""
+        return int(self.engine.tokenizer_manager.context_len)
+
+    def complete(self, texts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                 regex: Optional[str] = None) -> list[str]:
+        """Plain-text completions with the current weights: the policy judging its own samples
+        (`rollout/openai_gateway.py`). `regex` constrains the output (SGLang's grammar backend)."""
+        params: dict = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+        if regex:
+            params["regex"] = regex
+        outputs = self.engine.generate(prompt=texts, sampling_params=params)
+        return [o["text"] for o in outputs]
+
+    def reseed(self, seed: int) -> None:
+        """Seed the sampler in every SGLang worker (through the weight-update API, the one way in; no
+        weights change). The loop does this at the start of each step, so a step's rollouts do not
+        depend on what was sampled before it, and a resumed run repeats them."""
+        sglang_loader.run_loader(self.engine, [(sglang_loader.SEED_KEY, torch.tensor([seed], dtype=torch.int64))],
+                                 sglang_loader.RESEED)
+
+    # --- weight updates (driven by checkpoint_engine) ------------------------------------------------
+    def begin_update(self) -> None:
+        """Open SGLang's weight-update session (0.5.23 requires one around tensor loads)."""
+        self.engine.begin_weight_update()
+
+    def load_bucket(self, shards: list[tuple[bytes, list[tuple]]]) -> float:
+        """Load one bucket, read in place from the receivers' buffers: one (IPC handle, tensors) per TP
+        rank, or one that every rank reads (`checkpoint_engine.endpoint.shard_descriptor`). Seconds."""
+        start = time.perf_counter()
+        ok, message = self.engine.update_weights_from_tensor(
+            [(sglang_loader.BUCKET_KEY, sglang_loader.encode_bucket(shards))],
+            load_format=sglang_loader.LOAD_BUCKET, flush_cache=False)
+        if not ok:
+            raise RuntimeError(f"SGLang could not load a weight bucket: {message}")
+        return time.perf_counter() - start
+
+    def end_update(self, version: Optional[int]) -> None:
+        """Close the session, drop cached prefixes computed with the old weights, adopt `version`
+        (None: the push failed; the version stays, and the step reports the failure)."""
+        self.engine.end_weight_update()
+        self.engine.flush_cache()
+        if version is not None:
+            self.weight_version = version
+
+    def verify_weights(self, named_tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Names of the engine's parameters that differ from what `named_tensors` load to (empty: equal)."""
+        reports = sglang_loader.run_reporting(self.engine, list(named_tensors.items()), sglang_loader.VERIFY_WEIGHTS)
+        return sorted({name for report in reports for name in report})
+
+    def release_memory(self) -> None:
+        """Free weights and KV cache while the colocated trainer works (no-op on CPU)."""
+        if self.can_release_memory:
+            self.engine.release_memory_occupation()
+
+    def resume_memory(self) -> None:
+        if self.can_release_memory:
+            self.engine.resume_memory_occupation()
+
+    def generate_greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        outputs = self.engine.generate(input_ids=prompt_ids,
+                                       sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens})
+        return [list(o["output_ids"]) for o in outputs]
+
+    def shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
