@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env train test clean
+.PHONY: env train test lint clean
 
 env:
 	@bash scripts/setup_env.sh
@@ -10,8 +10,11 @@ env:
 train: env
 	$(PY) -m rl.train $(ARGS)
 
-test: env
+test: env lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: env
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -34,13 +34,13 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from rl.sample import Sample
     from rl.demo.tiny_model import PRINTABLE, create_tiny_qwen2
+    from rl.sample import Sample
     from rollout.agents.agent_loop import AgentLimits, AgentRunner, TurnFormat
-    from rollout.batching import Batcher
     from rollout.agents.environments.calculator import CalculatorEnvironment
-    from rollout.sglang.engine import RolloutEngine
     from rollout.agents.tools import turn_regex
+    from rollout.batching import Batcher
+    from rollout.sglang.engine import RolloutEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         path = create_tiny_qwen2(tmp, hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -83,7 +83,7 @@ def main() -> None:
         engine.shutdown()
 
     print(f"\n{args.episodes} calculator episodes (constrained format, <= 3 turns), tiny Qwen2 on CPU SGLang\n")
-    print(f"| mode | turns | engine calls | sampled tokens | seconds | tokens/s | ratio to raw |")
+    print("| mode | turns | engine calls | sampled tokens | seconds | tokens/s | ratio to raw |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         rate = r["tokens"] / r["seconds"]

@@ -124,7 +124,7 @@ def main() -> None:
         rows.append({"reward": name, "calls": count, "calls_per_s": count / seconds,
                      "p50_ms": 1e3 * percentile(lat, 0.5), "p95_ms": 1e3 * percentile(lat, 0.95),
                      "p99_ms": 1e3 * percentile(lat, 0.99), "mean_ms": 1e3 * statistics.mean(lat)})
-    print(f"\nReward latency through RewardRunner (concurrency 8; latency of the function itself)")
+    print("\nReward latency through RewardRunner (concurrency 8; latency of the function itself)")
     print("| reward | calls | calls/s | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['reward']} | {r['calls']} | {r['calls_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "

@@ -53,10 +53,12 @@ def batch(groups: int, k: int, prompt_len: int, response_len: int, vocab: int) -
 
 
 def _worker(rank, world, path, port, layout, steps, shape, out):
+    from rl.trainer.config import TrainerConfig
     from rl.trainer.engine import TrainingEngine
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    engine = TrainingEngine(path, rank=rank, world_size=world, master_port=port, lr=1e-5, **layout)
+    config = TrainerConfig(world_size=world, lr=1e-5, lr_warmup_steps=0, lr_decay="constant", **layout)
+    engine = TrainingEngine(path, config, rank=rank, master_port=port)
     samples = batch(*shape)
     engine.train_step(samples, ObjectiveSettings(tau=0.01))  # warm-up
     times = []

@@ -1,7 +1,7 @@
 """A process's membership in the checkpoint engine, set up once and reused by every push.
 
 Trainer ranks (sources) and `WeightReceiver`s hold one `Endpoint` each; the driver
-(`checkpoint_engine.engine.CheckpointEngine`) calls setup / push / teardown on all of them together.
+(`checkpoint_engine.weight_sync.WeightSync`) calls setup / push / teardown on all of them together.
 """
 from __future__ import annotations
 

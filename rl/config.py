@@ -30,7 +30,8 @@ from rl.demo.tiny_model import TOKENIZERS
 from rl.trainer.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.trainer.config import TrainerConfig
 from rl.trainer.parallel_layout import LayoutError, model_shape
-from rollout.agents.environments import BUILTIN as ENVIRONMENTS, environment_class
+from rollout.agents.environments import BUILTIN as ENVIRONMENTS
+from rollout.agents.environments import environment_class
 from rollout.config import AgentConfig, RolloutConfig
 
 TASKS = ("addition", *ENVIRONMENTS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -54,3 +56,31 @@ class MetricsLogger:
 
             self.wandb.finish()
             wandb.teardown()  # stop wandb's service now, not in an atexit hook racing other shutdowns
+
+
+@contextmanager
+def marked_timer(name: str, timing: dict[str, float]):
+    """Add the seconds the block takes to `timing[name]` (how the loop names its phases' times)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - start
+
+
+def step_metrics(samples: list, train: dict[str, float], correct_threshold: float) -> dict[str, float]:
+    """What every step logs about its samples and its update."""
+    n = len(samples)
+    metrics = {
+        "accuracy": sum(float(s.task_reward) >= correct_threshold for s in samples) / n,
+        "reward_mean": sum(float(s.reward) for s in samples) / n,
+        "truncated": sum(s.finish_reason == "length" for s in samples) / n,
+        "response_length": sum(len(s.response_ids) for s in samples) / n,
+        "loss": train["loss"],
+        "grad_norm": train["grad_norm"],
+        "lr": train["lr"],
+    }
+    for key in ("ptx_loss", "max_attn_logit"):  # with PTX; with MuonClip's QK-Clip
+        if key in train:
+            metrics[key] = train[key]
+    return metrics

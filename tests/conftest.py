@@ -1,13 +1,11 @@
 """Shared fixtures: the project's tiny models (built locally, never downloaded)."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 
 from rl.data.config import TaskConfig
 from rl.demo.config import ModelConfig, WarmStartConfig
+from tests.helpers import pick_port
 
 
 @pytest.fixture(scope="session")
@@ -27,30 +25,9 @@ def random_model(tmp_path_factory) -> str:
                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, seed=3)
 
 
-def pick_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a spawned gloo world's master)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def free_port() -> int:
     return pick_port()
-
-
-def make_samples(model_path: str, prompt: str, reference: str, responses, rewards) -> list:
-    """One group of Samples for `prompt` (each response closed by EOS) with group-mean advantages."""
-    from transformers import AutoTokenizer
-
-    from rl.algo.advantages import group_advantages
-    from rl.sample import Sample
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    samples = [Sample(group_id=0, prompt=prompt, prompt_ids=tok.encode(prompt), reference=reference,
-                      response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(responses, rewards)]
-    group_advantages(samples)
-    return samples
 
 
 @pytest.fixture
@@ -61,5 +38,9 @@ def stub_log(tmp_path, monkeypatch) -> str:
     return path
 
 
-def stub_calls(path: str) -> list[str]:
-    return open(path).read().split() if os.path.exists(path) else []
+def pytest_collection_modifyitems(items):
+    """Tests under tests/integration use the real engines (Ray, Megatron-core, SGLang, gloo worlds):
+    mark them, so `pytest -m "not integration"` (or `pytest tests/unit`) runs the fast unit tests alone."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

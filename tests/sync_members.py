@@ -1,4 +1,4 @@
-"""Processes of a sync group for tests/test_weight_sync.py (a light module: spawned children import it)."""
+"""Processes of a sync group for tests/integration/test_weight_sync.py (a light module: spawned children import it)."""
 import os
 import time
 

@@ -3,7 +3,7 @@
 r_PARL = r_perf + lambda1 * r_parallel + lambda2 * r_finish, with lambda1 and lambda2 annealed to zero
 over training (rl/algo/schedules.py). r_perf is the task reward (the `environment` reward below, or any other); the two
 auxiliary terms are applied after it, like the budget shaping, because their weights depend on the
-step. The report does not define the terms; we take kimi-rl-spec §8.8's proposals, configurable:
+step. The report does not define the terms; ours are configurable (docs/kimi-methods.md §7):
 
 - r_parallel, against serial collapse: `count` = min(sub-agents instantiated, cap) / cap, or
   `stages` = the share of the episode's stages that ran at least two sub-agents in parallel;

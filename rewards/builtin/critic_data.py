@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import json
 import random
-from dataclasses import asdict, is_dataclass, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Optional
 
 from rewards.builtin.self_critique import judge_prompt, parse_verdict, rubric_bundle

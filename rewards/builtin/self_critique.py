@@ -1,7 +1,7 @@
 """The self-critique rubric reward (Kimi K2 §3.2.2): a judge compares the K responses to a prompt
 pairwise, in both orders, against a bundle of rubrics; each response's reward is its win rate.
 
-Undisclosed by Kimi and chosen here (spec §5.1, "[I]"): the scalar is the win rate with ties counted
+Undisclosed by Kimi and chosen here (docs/kimi-methods.md §6): the scalar is the win rate with ties counted
 as half, (wins + ties / 2) / comparisons; every pair is judged in both orders (position bias cancels
 out of the win rate); judgments that cannot be parsed (or whose request failed) are counted and left
 out; a response with no parsed comparison scores a neutral 0.5, with 0 in its "comparisons"

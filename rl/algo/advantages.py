@@ -1,6 +1,6 @@
 """Advantages from rewards, per prompt group (no critic: Kimi, GRPO, DAPO and GSPO all baseline this way).
 
-The Kimi baseline is the group's mean reward, the sample itself included (kimi-rl-spec §1.4(a)); GRPO
+The Kimi baseline is the group's mean reward, the sample itself included (docs/kimi-methods.md §1.1); GRPO
 also divides by the group's standard deviation. Groups whose rewards are all equal carry no signal
 (every advantage is zero); dynamic sampling (DAPO) drops them and samples more prompts instead.
 """

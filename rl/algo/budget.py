@@ -1,12 +1,12 @@
 """Budget control and length shaping: rewards rewritten after scoring, before advantages.
 
-Applied in this order to each group of K samples (kimi-rl-spec §2), every one optional:
-1. K2 token budget (§2.3): a response cut off by the budget (finish reason "length") gets
+Applied in this order to each group of K samples (docs/kimi-methods.md §2), every one optional:
+1. K2 token budget (§2.1): a response cut off by the budget (finish reason "length") gets
    `truncation_reward` instead of its score; the budget itself is the sampler's max_new_tokens.
-2. K2.5 Toggle (§2.4): in the budget-limited phase (floor(step / m) even), a response longer than its
+2. K2.5 Toggle (§2.2): in the budget-limited phase (floor(step / m) even), a response longer than its
    prompt's budget earns 0, unless the group's accuracy is below lambda. A prompt's budget is the
    rho-th percentile of its correct responses' lengths under the initial policy, estimated once.
-3. K1.5 length penalty (§2.1): weight * len_reward added from `start_step` on; len_reward favours the
+3. K1.5 length penalty (§2.3): weight * len_reward added from `start_step` on; len_reward favours the
    shorter correct responses and never rewards wrong ones for being short.
 
 `Sample.task_reward` keeps the verifiable score; `Sample.reward` is what advantages are computed from.
@@ -18,8 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from rl.sample import by_group
-from rl.sample import Sample
+from rl.sample import Sample, by_group
 
 
 def _correct(s: Sample, threshold: float) -> bool:

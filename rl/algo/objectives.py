@@ -6,10 +6,10 @@ tokens in the batch" live in the weights, so any split into micro-batches or dat
 up to the same loss. Token-level objectives return the sum of their token terms; the aggregation
 (token mean, per-sequence mean, ...) is the choice of weights.
 
-Notation (kimi-rl-spec.md §1): l = logp - logp_old per token, rho = exp(l), A the sample's advantage.
+Notation (docs/kimi-methods.md §1): l = logp - logp_old per token, rho = exp(l), A the sample's advantage.
 
-- kimi_k2 (K1.5/K2, §1.2, §1.4(a)): -(A * sum_t logp - tau/2 * (sum_t l)^2), sequence level.
-- kimi_k25 (K2.5, §1.3, §1.4(b)): per token -(m * rho * A) + tau * l^2 with the mask
+- kimi_k2 (K1.5/K2, §1.2): -(A * sum_t logp - tau/2 * (sum_t l)^2), sequence level.
+- kimi_k25 (K2.5, §1.3): per token -(m * rho * A) + tau * l^2 with the mask
   m = 1[alpha <= rho <= beta] (ratio bounds, ambiguity 2); `mask_tau` masks the tau term too
   (ambiguity 3); pi_old is the trainer's recomputation or the rollout engine's logprobs (ambiguity 4).
 - ppo_clip (and grpo, which differs in its advantages): -min(rho * A, clip(rho, 1 - eps_low,

@@ -1,7 +1,7 @@
 """The PTX loss's data (Kimi K2 §3.2.3): curated demonstrations trained by NLL inside every RL step.
 
 L = L_RL + coef * L_PTX, with L_PTX the token-mean negative log-likelihood of the demonstrations'
-response tokens (kimi-rl-spec §3). The demonstrations come from a JSONL or parquet file with `prompt`
+response tokens (docs/kimi-methods.md §3). The demonstrations come from a JSONL or parquet file with `prompt`
 and `response` fields, or, with no file, from the task itself: correct answers to problems of a
 stream disjoint from the RL prompts. Batches are a pure function of the step, so a resumed run
 draws the same ones.
@@ -12,8 +12,8 @@ import random
 from typing import Optional
 
 from rl.data.prompts import load_records
-from rl.sample import Sample
 from rl.data.tasks import AdditionTask
+from rl.sample import Sample
 
 PTX_FIELDS = ("prompt", "response")
 _TASK_SEED_OFFSET = 104_729  # the task-generated demonstrations: a stream disjoint from the RL prompts

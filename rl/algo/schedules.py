@@ -4,7 +4,7 @@ Temperature decay (Kimi K2 §3.2.3): explore hot early, exploit cool late.
 
 K2 gives no shape or values, so the schedule is configurable: `linear`, `cosine` or `exponential`
 (geometric) from the start temperature to the end one over `decay_steps`, constant after. The trainer
-computes logprobs from logits / T with the same T the sampler used (kimi-rl-spec §1.4(c)6).
+computes logprobs from logits / T with the same T the sampler used (docs/kimi-methods.md §1.4).
 """
 from __future__ import annotations
 

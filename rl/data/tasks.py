@@ -8,6 +8,7 @@ Sampling is deterministic in (seed, position), so a run can resume its data stre
 from __future__ import annotations
 
 import random
+
 from rl.sample import Problem
 
 

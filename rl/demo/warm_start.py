@@ -22,10 +22,10 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from rewards.builtin.verifiable import exact_match
 from rl.data.config import TaskConfig
-from rl.demo.config import ModelConfig, WarmStartConfig
 from rl.data.tasks import AdditionTask
-from rl.sample import Problem
+from rl.demo.config import ModelConfig, WarmStartConfig
 from rl.demo.tiny_model import TOKENIZERS, create_tiny_qwen2, save_hf
+from rl.sample import Problem
 
 log = logging.getLogger(__name__)
 _RECIPE_VERSION = 3  # bump when this recipe changes, to invalidate cached models

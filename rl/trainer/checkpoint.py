@@ -1,4 +1,5 @@
-"""Checkpoints of the training engine: a resharding-capable distributed save/load, and an HF export.
+"""Checkpoints of the training engine: a resharding-capable distributed save/load (the HF export is
+export.py).
 
 Distributed checkpoint (`save_checkpoint` / `load_checkpoint`), with Megatron's `dist_checkpointing`
 (torch_dist format):
@@ -23,9 +24,6 @@ writes from forked helper processes fed through a spawned multiprocessing manage
 On CPU we save with `SyncTorchDistSaveStrategy`, which writes the same torch_dist format synchronously
 with `torch.distributed.checkpoint`'s standard `FileSystemWriter` and Megatron's own save planner.
 Loading uses Megatron's default strategy on every device.
-
-HF export (`export_hf`): the `save_pretrained` layout (config.json, safetensors, tokenizer files,
-generation_config.json) from full HF-named tensors, e.g. `TrainingEngine.hf_state_dict()`.
 """
 from __future__ import annotations
 
@@ -33,7 +31,6 @@ import copy
 import json
 import os
 import random
-import shutil
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -49,8 +46,11 @@ _SHARDED_OPTIMIZER = "optimizer_state"
 # --- save strategy usable without CUDA -------------------------------------------------------------
 def _sync_save_strategy():
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict)
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
@@ -317,56 +317,3 @@ def load_checkpoint(path: str, model_chunks: Sequence[torch.nn.Module], optimize
     if restore_rng and os.path.exists(own) and saved["world_size"] == dist.get_world_size():
         set_rng_state(saved["rng"])
     return saved["extra"]
-
-
-# --- HF export -------------------------------------------------------------------------------------
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                    "chat_template.json", "generation_config.json")
-
-
-def export_hf(out_dir: str, hf_state_dict: dict[str, torch.Tensor], source_model_path: str,
-              max_shard_bytes: int = 5 * 2**30) -> str:
-    """Write `hf_state_dict` as a HuggingFace model directory next to the source model's config and
-    tokenizer, in the layout `save_pretrained` produces (one `model.safetensors`, or indexed shards
-    when larger than `max_shard_bytes`). Tied output weights are dropped as `save_pretrained` does.
-    """
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    os.makedirs(out_dir, exist_ok=True)
-    config = AutoConfig.from_pretrained(source_model_path)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_state_dict.items()}
-    if getattr(config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
-        config.dtype = dtypes.pop()
-    config.save_pretrained(out_dir)
-    for name in _TOKENIZER_FILES:
-        src = os.path.join(source_model_path, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(out_dir, name))
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
-        return out_dir
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata=meta)
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return out_dir

@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_engine.buckets import TensorMeta, dtype_name
-from rl.trainer.sharding import (EMBEDDING, OUTPUT, _is_glu, _merge, _partition_dim, global_name, is_expert,
-                               tensor_parallel_of)
+from rl.trainer.sharding import EMBEDDING, OUTPUT, _is_glu, _merge, _partition_dim, global_name, is_expert, tensor_parallel_of
 
 
 @dataclass

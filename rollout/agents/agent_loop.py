@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 from rl.sample import Sample
-from rollout.agents.trace import AgentTrace, Stage
 from rollout.agents.environments.base import Environment
 from rollout.agents.tools import Tool, final_answer, parse_tool_calls, run_tool, turn_regex
+from rollout.agents.trace import AgentTrace, Stage
 
 Generate = Callable[[dict], Awaitable[dict]]  # one turn request -> its result (RolloutEngine.generate_turns)
 ToolsFor = Callable[[AgentTrace], list[Tool]]  # the tools an episode has now

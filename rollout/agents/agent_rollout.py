@@ -15,10 +15,10 @@ import ray
 
 from rewards.builtin.agentic import apply_parl, r_finish, r_parallel
 from rl.sample import Sample
-from rollout.agents.agent_loop import AgentLimits, AgentRunner, IterationBudget, TurnFormat
-from rollout.batching import Batcher
+from rollout.agents.agent_loop import AgentLimits, AgentRunner, IterationBudget
 from rollout.agents.environments import environment_class
-from rollout.agents.swarm import Swarm, SwarmSettings
+from rollout.agents.swarm import Swarm
+from rollout.batching import Batcher
 
 
 def engine_turns(engine, timeout_s: float) -> Batcher:
@@ -28,29 +28,30 @@ def engine_turns(engine, timeout_s: float) -> Batcher:
 
 class AgentRollout:
     def __init__(self, agent, task, tokenizer, policy_engine, subagent_engine, timeout_s: float):
-        """`agent`/`task`: rl.config.AgentConfig / TaskConfig; `subagent_engine` None without a swarm."""
+        """`agent`: rollout.config.AgentConfig (a TurnFormat, with a SwarmConfig, a SwarmSettings); `task`:
+        the run's task settings; `subagent_engine` None without a swarm."""
         self.config, self.tokenizer = agent, tokenizer
         self.env_cls = environment_class(agent.environment)
         self.env_options = {**(task.options if task.name == agent.environment else {}), **agent.environment_options}
         self.policy_turns = engine_turns(policy_engine, timeout_s)
-        fmt = TurnFormat(agent.tool_result, agent.constrain_format, agent.answer_chars, agent.describe_tools)
         w = agent.swarm
-        context = ray.get(policy_engine.context_length.remote(), timeout=timeout_s)
-        limits = AgentLimits(agent.max_turns, agent.max_tool_calls, agent.max_tokens, agent.max_turn_tokens,
-                             agent.max_calls_per_turn, agent.tool_timeout_s,
-                             w.max_critical_steps if w.enabled else None, context)
+        shared = dict(max_tool_calls=agent.max_tool_calls, max_calls_per_turn=agent.max_calls_per_turn,
+                      tool_timeout_s=agent.tool_timeout_s)
+        limits = AgentLimits(max_turns=agent.max_turns, max_tokens=agent.max_tokens,
+                             max_turn_tokens=agent.max_turn_tokens, **shared,
+                             max_critical_steps=w.max_critical_steps if w.enabled else None,
+                             max_context=ray.get(policy_engine.context_length.remote(), timeout=timeout_s))
         self.swarm: Optional[Swarm] = None
         tools_for = None
         if w.enabled:
             self.subagent_turns = engine_turns(subagent_engine, timeout_s)
-            sub_limits = AgentLimits(w.subagent_max_turns, agent.max_tool_calls, w.subagent_max_tokens,
-                                     w.subagent_max_turn_tokens, agent.max_calls_per_turn, agent.tool_timeout_s,
+            sub_limits = AgentLimits(max_turns=w.subagent_max_turns, max_tokens=w.subagent_max_tokens,
+                                     max_turn_tokens=w.subagent_max_turn_tokens, **shared,
                                      max_context=ray.get(subagent_engine.context_length.remote(), timeout=timeout_s))
-            subagents = AgentRunner(self.subagent_turns.submit, tokenizer, sub_limits, fmt, score=False)
-            self.swarm = Swarm(subagents, SwarmSettings(w.max_subagents, w.max_parallel, w.orchestrator_env_tools,
-                                                        w.subagent_temperature, w.subagent_timeout_s))
+            subagents = AgentRunner(self.subagent_turns.submit, tokenizer, sub_limits, agent, score=False)
+            self.swarm = Swarm(subagents, w)
             tools_for = self.swarm.tools
-        self.runner = AgentRunner(self.policy_turns.submit, tokenizer, limits, fmt, tools_for)
+        self.runner = AgentRunner(self.policy_turns.submit, tokenizer, limits, agent, tools_for)
 
     def start(self, sample: Sample) -> Sample:
         system = self.swarm.settings.system_prompt if self.swarm else None

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from rl.sample import Sample
 from rollout.agents.agent_loop import AgentRunner
-from rollout.agents.trace import AgentTrace, SubagentRun
 from rollout.agents.tools import Tool
+from rollout.agents.trace import AgentTrace, SubagentRun
 
 DEFAULT_AGENT = "default"  # assignable without creating it: a sub-agent with the environment's system prompt
 

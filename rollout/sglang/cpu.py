@@ -1,7 +1,7 @@
 """SGLang's `Engine` on CPU: the settings and import-time stand-ins it needs without CUDA.
 
 Applied only when the rollout device is CPU (`RolloutEngine` calls `apply()` then; on CUDA nothing
-here runs). What it does, and why (measured in ../shared/notes/cpu-stack.md):
+here runs). What it does, and why (each measured on our CPU machines; the README's "Running on CPU"):
 - `SGLANG_USE_CPU_ENGINE=1`: without it, loading a model on device="cpu" tries to import vllm.
 - puts `rollout/sglang/cpu_stubs` first on PYTHONPATH (for this process and the scheduler processes SGLang
   spawns): stand-ins for `sgl_kernel`, `torchvision` and `torchaudio`, which SGLang imports but whose

@@ -1,13 +1,15 @@
-"""Which Megatron model and which HF conversion each HF architecture uses, chosen by `model_type`.
+"""Which Megatron model and which HF conversion each HF architecture uses, chosen by `model_type`
+(a registry: `register_architecture` adds a family).
 
-An architecture supplies: its `TransformerConfig` class and fields, the layer (or block) spec with the
+An `Architecture` supplies: its `TransformerConfig` class and fields, the layer (or block) spec with the
 CPU substitutions when the device is CPU, whether it needs sequence parallelism under TP, and the two
 pure conversions between an HF state dict and the full Megatron state dict (`rl.trainer.sharding`
 does the per-rank split).
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch.nn.functional as F
 
@@ -40,7 +42,29 @@ def _transformer_config(hf):
     return TransformerConfig
 
 
-DENSE = SimpleNamespace(
+@dataclass(frozen=True)
+class Architecture:
+    """One model family behind the interface the trainer builds and converts models through."""
+    name: str
+    config_class: Callable[[Any], type]  # hf config -> the TransformerConfig class (MLA has its own)
+    transformer_config_kwargs: Callable[[Any], dict]  # hf config -> that class's architecture fields
+    layer_spec: Callable[..., Any]  # (hf config, device, config) -> the layer or block spec
+    needs_sequence_parallel: bool  # under TP (Megatron's MoE layer trains only with it)
+    hf_to_full: Callable[[dict, Any], dict]  # (HF state dict, hf config) -> full Megatron state dict
+    full_to_hf: Callable[..., dict]  # (full Megatron state, hf config, partial=False) -> HF state dict
+
+
+ARCHITECTURES: dict[str, Architecture] = {}  # by HF `model_type`
+
+
+def register_architecture(architecture: Architecture, *model_types: str) -> Architecture:
+    """Make `model_types` (HF `config.model_type` values) train with `architecture`."""
+    for model_type in model_types:
+        ARCHITECTURES[model_type] = architecture
+    return architecture
+
+
+DENSE = Architecture(
     name="dense",
     config_class=_transformer_config,
     transformer_config_kwargs=_dense_config_kwargs,
@@ -52,7 +76,7 @@ DENSE = SimpleNamespace(
 
 # Qwen3-MoE and DeepSeek-V3 / Kimi K2 (MLA + routed and shared experts). Megatron's MoE layer refuses
 # to train under TP without sequence parallelism.
-MOE = SimpleNamespace(
+MOE = Architecture(
     name="moe",
     config_class=moe.transformer_config_class,
     transformer_config_kwargs=moe.megatron_arch_kwargs,
@@ -62,15 +86,16 @@ MOE = SimpleNamespace(
     full_to_hf=moe.full_to_hf,
 )
 
-_BY_MODEL_TYPE = {"qwen2": DENSE, "llama": DENSE, "qwen3_moe": MOE, "deepseek_v3": MOE, "kimi_k2": MOE}
+register_architecture(DENSE, "qwen2", "llama")
+register_architecture(MOE, "qwen3_moe", "deepseek_v3", "kimi_k2")
 
 
-def for_config(hf_config) -> SimpleNamespace:
+def for_config(hf_config) -> Architecture:
     try:
-        return _BY_MODEL_TYPE[hf_config.model_type]
+        return ARCHITECTURES[hf_config.model_type]
     except KeyError:
         raise ValueError(f"model.path: unsupported architecture {hf_config.model_type!r} "
-                         f"(supported: {sorted(_BY_MODEL_TYPE)})") from None
+                         f"(supported: {sorted(ARCHITECTURES)})") from None
 
 
 def gpt_model_kwargs(hf, vocab_size: int, pre_process: bool, post_process: bool) -> dict:

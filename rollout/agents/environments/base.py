@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from rollout.agents.tools import Tool, ToolCall, run_tool
 from rl.sample import Problem
+from rollout.agents.tools import Tool, ToolCall, run_tool
 
 Score = Union[float, tuple[float, dict[str, float]]]
 

@@ -6,8 +6,8 @@ import ast
 import operator
 import random
 
-from rewards.sandbox import Limits, Sandbox
 from rewards.builtin.verifiable import exact_match
+from rewards.sandbox import Limits, Sandbox
 from rl.sample import Problem
 from rollout.agents.environments.base import Environment
 from rollout.agents.tools import Tool

@@ -9,9 +9,9 @@ TOLERANCE = 1e-4
 
 
 def _worker(rank, world_size, model_path, port, input_ids, perturb, out_path):
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, rank=rank, world_size=world_size, master_port=port,
+    engine = make_engine(model_path, rank=rank, world_size=world_size, master_port=port,
                             tensor_parallel_size=world_size, device="cpu")
     if perturb:  # a wrong weight must be detected: the check is not vacuous
         with torch.no_grad():

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rl.algo.objectives import ObjectiveSettings
-from tests.conftest import make_samples, pick_port
+from tests.helpers import make_samples, pick_port
 
 STEP_TOLERANCE = 1e-6  # a step under another TP layout reduces in another order: equal up to fp32 rounding
 # Each engine: lr must come from the checkpoint; no clipping, so the step compares the checkpointed state
@@ -86,9 +86,9 @@ def _leave(engine):
 def _round_a(model_path, port, ckpt, out):
     """TP=1: step, save A, step on; a twin engine loads A in the same layout and takes the same step."""
     from rl.trainer.checkpoint import load_checkpoint, save_checkpoint
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, master_port=port, device="cpu", grad_clip=1e9)
+    engine = make_engine(model_path, master_port=port, device="cpu", grad_clip=1e9)
     engine.train_step(_first_batch(model_path), ObjectiveSettings(tau=0.0))
     save_checkpoint(ckpt, [engine.model], engine.optimizer, _extra(engine, 1))
     after_save_draw = torch.rand(4)
@@ -96,7 +96,7 @@ def _round_a(model_path, port, ckpt, out):
     continued = engine.train_step(_second_batch(model_path), ObjectiveSettings(tau=0.0))
     continued_hf = _hf(engine)
 
-    twin = TrainingEngine(model_path, master_port=port, **ENGINE)
+    twin = make_engine(model_path, master_port=port, **ENGINE)
     torch.rand(100)  # move the RNG: loading must restore it
     extra = load_checkpoint(ckpt, [twin.model], twin.optimizer)
     twin_draw = torch.rand(4)
@@ -111,10 +111,11 @@ def _round_a(model_path, port, ckpt, out):
 
 def _round_load(rank, world, model_path, port, ckpt, out, save_to=None, export_to=None, pp=1):
     """TP=world/pp, PP=pp: load `ckpt`, optionally save it again, take the second step, optionally export."""
-    from rl.trainer.checkpoint import export_hf, load_checkpoint, save_checkpoint
-    from rl.trainer.engine import TrainingEngine
+    from rl.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from rl.trainer.export import export_hf
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, rank=rank, world_size=world, master_port=port,
+    engine = make_engine(model_path, rank=rank, world_size=world, master_port=port,
                             tensor_parallel_size=world // pp, pipeline_parallel_size=pp, **ENGINE)
     extra = load_checkpoint(ckpt, [engine.model], engine.optimizer)
     engine.scheduler.load_state_dict(extra["scheduler"])
@@ -265,7 +266,7 @@ def _generate_with_sglang(model_dir, out_path):
 def test_hf_export_loads_in_sglang(chain, stub_log, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import stub_calls
+    from tests.helpers import stub_calls
 
     out = chain["paths"]["hf"]
     proc = mp.get_context("spawn").Process(target=_generate_with_sglang, args=(out, str(tmp_path / "samples.pt")))
@@ -286,7 +287,7 @@ def test_hf_export_in_shards_loads_in_transformers(random_model, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from rl.trainer.checkpoint import export_hf
+    from rl.trainer.export import export_hf
 
     state = load_file(f"{random_model}/model.safetensors")
     export_hf(str(tmp_path), state, random_model, max_shard_bytes=64 * 1024)

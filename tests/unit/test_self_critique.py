@@ -4,8 +4,15 @@ import asyncio
 
 import pytest
 
-from rewards.builtin.self_critique import (CORE_RUBRICS, judge_group, judge_prompt, ordered_pairs, parse_verdict,
-                                   rubric_bundle, win_rates)
+from rewards.builtin.self_critique import (
+    CORE_RUBRICS,
+    judge_group,
+    judge_prompt,
+    ordered_pairs,
+    parse_verdict,
+    rubric_bundle,
+    win_rates,
+)
 from rl.sample import Sample
 
 

@@ -13,11 +13,11 @@ import urllib.request
 import pytest
 
 from rewards.builtin.critic_data import judge_pairs, verified_pairs
-from rewards.runner import RewardRunner, RewardSpec
 from rewards.builtin.self_critique import Judge
-from rl.sample import Sample
+from rewards.runner import RewardRunner, RewardSpec
 from rl.demo.tiny_model import create_tiny_qwen2
-from tests.conftest import pick_port
+from rl.sample import Sample
+from tests.helpers import pick_port
 
 VERDICT_REGEX = r"\[\[(A|B|TIE)\]\]"
 

@@ -2,7 +2,7 @@
 own vocabulary sharding), and how an engine's TP-rank receivers load a bucket together.
 
 The end-to-end check, a Megatron TP=2 trainer pushing into an SGLang TP=2 engine with every parameter
-compared after each push, is `tests/test_integration_loop.py::test_rl_steps_with_tensor_parallel_trainer_and_rollout`.
+compared after each push, is `tests/integration/test_integration_loop.py::test_rl_steps_with_tensor_parallel_trainer_and_rollout`.
 """
 import threading
 from datetime import timedelta
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from checkpoint_engine.buckets import Bucket, Region, TensorMeta
 from checkpoint_engine.receiver import TPRankDelivery
 from rollout.sglang.tp_shards import region_rule, vocab_rows
-from tests.conftest import pick_port
+from tests.helpers import pick_port
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoConfig
 
 from rl.trainer.models.dense import Geometry, full_to_hf, hf_to_full
-from rl.trainer.engine import load_hf_state_dict
+from rl.trainer.setup import load_hf_state_dict
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from tests.conftest import stub_calls
+from tests.helpers import stub_calls
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ from typing import Callable, Optional
 
 import ray
 
-from checkpoint_engine.config import WeightSyncConfig
 from checkpoint_engine.buckets import Bucket, Region, TensorMeta, plan_full, plan_sliced
+from checkpoint_engine.config import WeightSyncConfig
 from checkpoint_engine.group import SyncError, free_port
 from checkpoint_engine.receiver import WeightReceiver
-
 
 
 def _first_line(exc: BaseException) -> str:
@@ -28,7 +27,7 @@ def _first_line(exc: BaseException) -> str:
     return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__).strip()
 
 
-class CheckpointEngine:
+class WeightSync:
     def __init__(self, trainers: list, rollouts: list, rollout_strategies: list, config: WeightSyncConfig,
                  device: str, rollout_tp_size: int = 1,
                  tp_regions: Optional[Callable[[TensorMeta], list[Optional[Region]]]] = None):

@@ -1,5 +1,5 @@
 """Objectives, advantages and loss aggregation against values computed by hand from the spec's formulas
-(kimi-rl-spec §1), gradient checks, and GRPO against TRL's GRPOTrainer loss on the same inputs."""
+(docs/kimi-methods.md §1), gradient checks, and GRPO against TRL's GRPOTrainer loss on the same inputs."""
 import math
 
 import pytest
@@ -234,7 +234,7 @@ def _responses(group, lengths, rewards, prompt="p", finish="stop"):
 
 
 def test_k15_length_penalty_worked_example():
-    """kimi-rl-spec §2.1: lengths 1k/2k/3k/5k give lambda 0.5/0.25/0/-0.5; wrong answers get min(0, lambda)."""
+    """docs/kimi-methods.md §2.3: lengths 1k/2k/3k/5k give lambda 0.5/0.25/0/-0.5; wrong answers get min(0, lambda)."""
     from rl.algo.budget import apply_length_penalty, length_rewards
 
     assert length_rewards([1000, 2000, 3000, 5000], [True] * 4) == [0.5, 0.25, 0.0, -0.5]

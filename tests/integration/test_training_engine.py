@@ -8,15 +8,15 @@ import torch.multiprocessing as mp
 from rl.algo.advantages import group_advantages
 from rl.algo.objectives import ObjectiveSettings
 from rl.sample import Sample
-from rl.trainer.engine import lr_factor
+from rl.trainer.setup import lr_factor
 
 
 def _sgd_step(model_path, port, rewards, out_path):
     from transformers import AutoTokenizer
 
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, master_port=port, device="cpu")
+    engine = make_engine(model_path, master_port=port, device="cpu")
     engine.optimizer = torch.optim.SGD(engine.model.parameters(), lr=0.05)  # a step along the gradient itself
     tok = AutoTokenizer.from_pretrained(model_path)
     responses = ["64", "99", "1", "46"]
@@ -35,9 +35,9 @@ def _sgd_step(model_path, port, rewards, out_path):
 def _reset_between_adam_steps(model_path, port, rewards, out_path):
     from transformers import AutoTokenizer
 
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
+    engine = make_engine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
     tok = AutoTokenizer.from_pretrained(model_path)
     samples = [Sample(group_id=0, prompt="1+1=", prompt_ids=tok.encode("1+1="), reference="2",
                       response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(["2", "3"], rewards)]
@@ -55,9 +55,9 @@ def _ptx_terms(model_path, port, rewards, out_path):
     """The PTX loss and gradients: demonstrations alone, rollouts alone, and both in one minibatch."""
     from transformers import AutoTokenizer
 
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, master_port=port, device="cpu")
+    engine = make_engine(model_path, master_port=port, device="cpu")
     tok = AutoTokenizer.from_pretrained(model_path)
     rollouts = [Sample(group_id=0, prompt="3+4=", prompt_ids=tok.encode("3+4="), reference="7",
                        response_ids=tok.encode(r) + [tok.eos_token_id], reward=w) for r, w in zip(["7", "12"], rewards)]

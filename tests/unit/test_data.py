@@ -97,7 +97,7 @@ def test_a_family_is_added_from_the_command_line(prompt_set):
     from rl.config import Config
 
     ConfigStore.instance().store(name="tandem_schema", node=Config)
-    with initialize(config_path="../conf", version_base="1.3"):
+    with initialize(config_path="../../conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+data.families.set.path={prompt_set}",
                                                        "+data.families.set.prompt_field=question",
                                                        "+data.families.set.answer_field=solution"])

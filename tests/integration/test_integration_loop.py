@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rl.config import load_config
-from tests.conftest import stub_calls
+from tests.helpers import stub_calls
 
 MISMATCH_TOLERANCE = 1e-3  # fp32 |SGLang logprob - trainer logprob| on every sampled token
 

@@ -7,7 +7,7 @@ import pytest
 
 from rl.config import ConfigError, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("override, field", [
@@ -116,7 +116,7 @@ def test_agent_presets_load(preset):
 
     import rl.train  # noqa: F401 - registers the config schema with Hydra
 
-    with initialize(config_path="../conf", version_base="1.3"):
+    with initialize(config_path="../../conf", version_base="1.3"):
         config = load_config(compose(config_name=preset))
     assert config.agent.environment == config.task.name
     assert [s.name for s in config.rewards.task_types["default"]] == ["environment"]

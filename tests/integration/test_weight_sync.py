@@ -5,10 +5,10 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from checkpoint_engine.buckets import (checksum, dtype_name, pack, plan_full, trailer_bytes, unpack, verify_chunk,
-                                       write_checksum)
-from tests.conftest import pick_port
+from checkpoint_engine.buckets import checksum, dtype_name, pack, plan_full, trailer_bytes, unpack, verify_chunk, write_checksum
+from tests.helpers import pick_port
 from tests.sync_members import BUCKET, _bits, _metas, make_plan, member, source_tensors
+
 
 def run_group(mode, sources, world, die_at_bucket=None, die_rank=None, timeout=10.0, corrupt_at_bucket=None):
     ctx = mp.get_context("spawn")

@@ -29,7 +29,7 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     import ray
     from transformers import AutoTokenizer
 
-    from rl.engines import Engines
+    from rl.actors import Actors
     from rl.loop import RLLoop
 
     steps = 2 * len(CASES)
@@ -54,7 +54,7 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
             "math_verify", {"name": "tests.reward_plugins:hangs", "isolation": "process", "timeout_s": 0.5, "weight": 0.0},
             {"name": "tests.reward_plugins:raises", "weight": 0.0}]}},
     })
-    engines = Engines.start(config, demo_model)
+    engines = Actors.start(config, demo_model)
     try:
         loop = RLLoop(config, engines, AutoTokenizer.from_pretrained(demo_model))
         metrics, trained = [], []
@@ -83,7 +83,7 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
         assert m["groups_trained"] == 8 or m["sampling_rounds"] == 3
     assert len({round(m["loss"], 6) for _, m in metrics}) > len(CASES)  # the objectives differ
     assert [("toggle_zeroed" in m) for objective, m in metrics] == [objective == "ppo_clip" for objective, _ in metrics]
-    assert loop.budgets is not None  # estimated once, from the initial policy's samples
+    assert loop.collector.budgets is not None  # estimated once, from the initial policy's samples
     assert {s.task_type for s in trained} == {"addition", "small-sum"}
     assert all(len(s.response_ids) <= s.max_new_tokens for s in trained)
     assert {s.max_new_tokens for s in trained if s.task_type == "small-sum"} == {3}  # the rows' own budget
@@ -105,7 +105,7 @@ def test_partial_rollouts_continue_paused_responses_under_new_weights(demo_model
     import ray
     from transformers import AutoTokenizer
 
-    from rl.engines import Engines
+    from rl.actors import Actors
     from rl.loop import RLLoop
 
     config = load_config({
@@ -117,13 +117,13 @@ def test_partial_rollouts_continue_paused_responses_under_new_weights(demo_model
         "algorithm": {"max_sampling_rounds": 1},
         "eval": {"every": 0}, "logging": {"wandb_mode": "disabled", "run_dir": str(tmp_path)},
     })
-    engines = Engines.start(config, demo_model)
+    engines = Actors.start(config, demo_model)
     try:
         loop = RLLoop(config, engines, AutoTokenizer.from_pretrained(demo_model))
         steps = []
         for _ in range(config.steps):
             metrics = loop.step()
-            steps.append((metrics, loop.last_samples, set(loop.in_flight)))
+            steps.append((metrics, loop.last_samples, set(loop.collector.in_flight)))
     finally:
         engines.shutdown()
         ray.shutdown()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMPARED = ("loss", "grad_norm", "lr", "reward_mean", "accuracy", "response_length", "groups_in_flight",
             "groups_trained", "sample_weight_version", "weight_version", "toggle_zeroed", "ptx_loss")
 

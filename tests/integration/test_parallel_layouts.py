@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from rl.algo.advantages import group_advantages
 from rl.sample import Sample
-from rl.trainer.engine import load_hf_state_dict
+from rl.trainer.setup import load_hf_state_dict
 
 TOLERANCE = 2e-5
 
@@ -32,9 +32,9 @@ def _samples() -> list[Sample]:
 
 def _worker(rank, world_size, model_path, port, layout, out_path):
     from rl.algo.objectives import ObjectiveSettings
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, rank=rank, world_size=world_size, master_port=port, device="cpu", **layout)
+    engine = make_engine(model_path, rank=rank, world_size=world_size, master_port=port, device="cpu", **layout)
     samples = _samples()
     logprobs = engine.compute_logprobs(samples)
     for s, lp in zip(samples, logprobs):
@@ -131,10 +131,10 @@ def test_bad_layout_fails_before_any_process_group():
     import torch.distributed as dist
 
     from rl.trainer.parallel_layout import LayoutError
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
     with pytest.raises(LayoutError, match=r"^trainer.tensor_parallel_size: must divide the 4 attention heads \(got 3\)$"):
-        TrainingEngine(_tiny_path(), world_size=3, tensor_parallel_size=3, device="cpu")
+        make_engine(_tiny_path(), world_size=3, tensor_parallel_size=3, device="cpu")
     assert not dist.is_initialized()
 
 

@@ -10,11 +10,12 @@ from typing import Optional
 import ray
 from transformers import AutoConfig
 
-from checkpoint_engine.engine import CheckpointEngine
 from checkpoint_engine.group import free_port
+from checkpoint_engine.weight_sync import WeightSync
 from rl.cluster import colocated_bundles, in_bundle, start_ray
 from rl.config import Config
-from rl.trainer.engine import TrainingEngine, resolve_device
+from rl.trainer.engine import TrainingEngine
+from rl.trainer.setup import resolve_device
 from rollout.sglang.engine import RolloutEngine
 from rollout.sglang.tp_shards import region_rule
 
@@ -23,16 +24,16 @@ PORT_ATTEMPTS = 3
 
 
 @dataclass
-class Engines:
+class Actors:
     """The actors of one colocated RL job."""
     trainers: list  # one per training rank (TP x PP x DP), trainer i in bundle i
     rollout: object  # the SGLang engine, in bundle 0 beside trainer rank 0
-    sync: CheckpointEngine
+    sync: WeightSync
     placement_group: object
     subagents: Optional[object] = None  # PARL's frozen sub-agent engine: loaded once, never synced
 
     @classmethod
-    def start(cls, config: Config, model_path: str) -> "Engines":
+    def start(cls, config: Config, model_path: str) -> "Actors":
         world = config.trainer.layout().world_size
         w = config.agent.swarm
         bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
@@ -40,21 +41,14 @@ class Engines:
         timeout = config.trainer.timeout_s
         pg = colocated_bundles(bundles, timeout)
         device = resolve_device(config.cluster.device)
-        t = config.trainer
-        trainer_args = dict(
-            world_size=world, master_addr="127.0.0.1", tensor_parallel_size=t.tensor_parallel_size,
-            pipeline_parallel_size=t.pipeline_parallel_size, expert_parallel_size=t.expert_parallel_size,
-            micro_batch_tokens=t.micro_batch_tokens, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
-            optimizer=t.optimizer, muon_momentum=t.muon_momentum, qk_clip_tau=t.qk_clip_tau,
-            lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay=t.lr_decay, min_lr_ratio=t.min_lr_ratio,
-            lr_decay_steps=config.steps * config.algorithm.updates_per_step, weight_decay=t.weight_decay,
-            adam_betas=t.adam_betas, grad_clip=t.grad_clip, seed=t.seed + config.seed, timeout_s=timeout)
+        trainer_args = dict(master_addr="127.0.0.1", device=device, seed=config.trainer.seed + config.seed,
+                            lr_decay_steps=config.steps * config.algorithm.updates_per_step)
         trainer_cls = ray.remote(TrainingEngine)
 
         def start_trainers() -> list:
             port = free_port()
             return [trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
-                model_path, rank=rank, master_port=port, **trainer_args) for rank in range(world)]
+                model_path, config.trainer, rank=rank, master_port=port, **trainer_args) for rank in range(world)]
 
         trainers = start_trainers()
         r = config.rollout
@@ -84,7 +78,7 @@ class Engines:
                 trainers = start_trainers()
         ray.get([e.__ray_ready__.remote() for e in (rollout, subagents) if e is not None], timeout=timeout)
         s = config.sync
-        sync = CheckpointEngine(trainers, [rollout], [in_bundle(pg, 0)], s, device, rollout_tp_size=r.tensor_parallel_size,
+        sync = WeightSync(trainers, [rollout], [in_bundle(pg, 0)], s, device, rollout_tp_size=r.tensor_parallel_size,
                                 tp_regions=region_rule(AutoConfig.from_pretrained(model_path), r.tensor_parallel_size))
         sync.setup()  # the sub-agent engine is not among the sync's engines: its weights stay fixed
         return cls(trainers, rollout, sync, pg, subagents)

@@ -15,16 +15,16 @@ def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
     from transformers import AutoTokenizer
 
     import rl.train  # noqa: F401 - registers the config schema with Hydra
+    from rl.actors import Actors
     from rl.config import load_config
-    from rl.engines import Engines
+    from rl.demo.warm_start import demo_model_path
     from rl.loop import RLLoop
     from rl.metrics import MetricsLogger
-    from rl.demo.warm_start import demo_model_path
     from rollout.agents.environments.knowledge_base import WideSearchEnvironment
     from rollout.agents.swarm import SwarmSettings
 
     run_dir = str(tmp_path / "run")
-    with initialize(config_path="../conf", version_base="1.3"):
+    with initialize(config_path="../../conf", version_base="1.3"):
         cfg = compose(config_name="swarm_wide_search", overrides=[
             "steps=2", "seed=1", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=3",
             "agent.partial_tokens=300", "agent.swarm.max_critical_steps=5", "sync.verify_full=true", "logging.wandb_mode=disabled",
@@ -33,18 +33,18 @@ def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
     model_path = demo_model_path(config.model, config.warm_start, config.task)
     initial = load_file(os.path.join(model_path, "model.safetensors"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    engines = Engines.start(config, model_path)
+    engines = Actors.start(config, model_path)
     batches, trained, metrics = [], [], []
     try:
         logger = MetricsLogger(run_dir, config, config.steps, "disabled", "tandem")
         loop = RLLoop(config, engines, tokenizer, logger)
-        call_trainers = loop._call_trainers
+        call_trainers = loop.call_trainers
 
         def spy(method, *args, **kwargs):  # what the trainers are given to train on
             if method == "train_step":
                 batches.append(args[0])
             return call_trainers(method, *args, **kwargs)
-        loop._call_trainers = spy
+        loop.call_trainers = spy
         for _ in range(config.steps):
             metrics.append(loop.step())
             trained.append(loop.last_samples)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import pick_port
+from tests.helpers import pick_port
 
 TOLERANCE = 1e-4
 ARCHITECTURES = ["deepseek_v3", "deepseek_v3_half_split_rope", "qwen3_moe"]

@@ -1,6 +1,6 @@
 """Unit tests of agentic rollouts: tool-call parsing, the episode's tokens and loss mask, critical-step
 accounting on hand-built episodes, the swarm's tools, and the PARL reward with its annealing. The
-rollout engine is a scripted stand-in here; tests/test_integration_agent.py runs the real engines."""
+rollout engine is a scripted stand-in here; tests/integration/test_integration_agent.py runs the real engines."""
 import asyncio
 import json
 import pickle
@@ -10,15 +10,15 @@ import pytest
 
 from rewards.builtin.agentic import apply_parl, environment_reward, r_finish, r_parallel
 from rl.algo.schedules import parl_lambdas
-from rl.sample import Sample
 from rl.demo.tiny_model import PRINTABLE, build_tokenizer
+from rl.sample import Sample
 from rollout.agents.agent_loop import AgentLimits, AgentRunner, IterationBudget, TurnFormat
-from rollout.agents.trace import AgentTrace, Stage, SubagentRun, for_training
 from rollout.agents.environments import BUILTIN, EnvironmentTask, environment_class
 from rollout.agents.environments.calculator import CalculatorEnvironment, evaluate_arithmetic
 from rollout.agents.environments.knowledge_base import WideSearchEnvironment, item_f1, knowledge_base
 from rollout.agents.swarm import Swarm, SwarmSettings
 from rollout.agents.tools import Tool, ToolCall, final_answer, parse_tool_calls, turn_regex
+from rollout.agents.trace import AgentTrace, Stage, SubagentRun, for_training
 
 TOK = build_tokenizer(PRINTABLE)
 ECHO = Tool("echo", "Echo the text.", {"type": "object", "properties": {"text": {"type": "string"},

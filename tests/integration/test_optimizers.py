@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from rl.algo.objectives import ObjectiveSettings
 from rl.trainer.optim.muon import MatrixLayout, Muon, muon_scale, newton_schulz
-from tests.conftest import pick_port
+from tests.helpers import pick_port
 
 LR, WD = 0.05, 0.1
 SEQ = 16  # divisible by TP (sequence parallelism)
@@ -155,12 +155,13 @@ def _copy(state):
 
 
 def _worker(rank, tp, model_path, port, inputs, out_path):
-    from rl.trainer.optim.muon import apply_qk_clip, build_optimizer, reset_max_attn_logits
     from rl.sample import Sample
-    from rl.trainer.engine import TrainingEngine
+    from rl.trainer.optim.muon import build_optimizer
+    from rl.trainer.optim.qk_clip import apply_qk_clip, reset_max_attn_logits
+    from tests.helpers import make_engine
 
     torch.set_num_threads(1)  # three processes share two cores
-    engine = TrainingEngine(model_path, rank=rank, world_size=tp, master_port=port, tensor_parallel_size=tp,
+    engine = make_engine(model_path, rank=rank, world_size=tp, master_port=port, tensor_parallel_size=tp,
                             device="cpu")
     model, config, result = engine.model, engine.model.config, {}
     config.qk_clip, config.qk_clip_threshold = True, 1e9

@@ -1,7 +1,7 @@
 """The OpenAI-compatible gateway to the rollout engine, with a stand-in engine: the official OpenAI
 client's completions and chat requests, SGLang's `regex` passed through, and concurrent requests with
 the same settings batched into one generation. (In the loop, with the real engine:
-tests/test_integration_rewards.py.)"""
+tests/integration/test_integration_rewards.py.)"""
 import asyncio
 import concurrent.futures
 

@@ -4,15 +4,15 @@ import torch
 import torch.multiprocessing as mp
 
 from rl.algo.objectives import ObjectiveSettings
-from tests.conftest import make_samples
+from tests.helpers import make_samples
 
 
 def _worker(model_path, port, ckpt, export, out):
     from transformers import AutoModelForCausalLM
 
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
+    engine = make_engine(model_path, master_port=port, device="cpu", lr=1e-3, lr_warmup_steps=4)
     samples = make_samples(model_path, "1+2=", "3", ["3", "4"], [1.0, 0.0])
     engine.train_step(samples, ObjectiveSettings(tau=0.0))
     saved = engine.hf_state_dict()

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from rl.algo.objectives import ObjectiveSettings
 from rl.trainer.offload import CATEGORIES, Offloader
-from tests.conftest import make_samples, pick_port
+from tests.helpers import make_samples, pick_port
 
 
 def _samples(model_path, responses, rewards):
@@ -53,10 +53,10 @@ def _hf(engine):
 
 
 def _train_equivalence(model_path, port, out_path):
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
-    engine = TrainingEngine(model_path, master_port=port, device="cpu")
-    ref = TrainingEngine(model_path, master_port=port, device="cpu")  # same seed and weights, never offloaded
+    engine = make_engine(model_path, master_port=port, device="cpu")
+    ref = make_engine(model_path, master_port=port, device="cpu")  # same seed and weights, never offloaded
     batches = [_samples(model_path, ["11", "12", "1"], [1.0, 0.0, 0.0]),
                _samples(model_path, ["11", "21"], [1.0, 0.0]),
                _samples(model_path, ["11", "2", "9"], [0.0, 1.0, 0.0])]
@@ -142,10 +142,10 @@ def _megatron_ddp_cycle(model_path, port):
     """Megatron DDP's contiguous grad buffer: main_grad views survive, and its backward hooks still fire."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from rl.trainer.engine import TrainingEngine
+    from tests.helpers import make_engine
 
     def wrapped():
-        engine = TrainingEngine(model_path, master_port=port, device="cpu")
+        engine = make_engine(model_path, master_port=port, device="cpu")
         ddp = getattr(engine, "ddp", None)
         if ddp is None:
             ddp = DistributedDataParallel(config=engine.model.config, module=engine.model,
