@@ -40,12 +40,13 @@ def main() -> None:
     from rollout.agents.environments.calculator import CalculatorEnvironment
     from rollout.agents.tools import turn_regex
     from rollout.batching import Batcher
+    from rollout.config import RolloutConfig
     from rollout.sglang.engine import RolloutEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         path = create_tiny_qwen2(tmp, hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  intermediate_size=128, characters=PRINTABLE, max_position_embeddings=2048)
-        engine = RolloutEngine(path, device="cpu", max_total_tokens=65536)
+        engine = RolloutEngine(path, RolloutConfig(max_total_tokens=65536), device="cpu")
         actor = ThreadPoolExecutor(max_workers=1)  # one call at a time, as a Ray actor runs them
         limits = AgentLimits(max_turns=3, max_tokens=512, max_turn_tokens=128, max_calls_per_turn=1,
                              max_context=engine.context_length())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from checkpoint_engine.transfer import MODES
+from checkpoint_engine.transports import TRANSPORTS
 
 
 @dataclass
@@ -12,7 +12,7 @@ class WeightSyncConfig:
     # broadcast: each bucket's owner broadcasts it to every receiver (Kimi K2's checkpoint engine);
     # reduce_scatter: trainer ranks add their shards, each receiver gets only its chunk;
     # colocated: no collective, the owning trainer rank hands buckets to the engines in place.
-    transport: str = field(default="broadcast", metadata={"choices": MODES})
+    transport: str = field(default="broadcast", metadata={"choices": TRANSPORTS})  # checkpoint_engine/transports.py
     # bucket size (slime's default); a tensor larger than this gets its own
     bucket_mb: float = field(default=512.0, metadata={"gt": 0})
     verify_checksums: bool = True  # per-bucket checksum on every receiver

@@ -14,6 +14,7 @@ import torch
 from checkpoint_engine.buckets import Bucket, TensorMeta
 from checkpoint_engine.group import SyncGroup
 from checkpoint_engine.transfer import Deliver, Produce, TransferMember
+from checkpoint_engine.transports import transport
 
 
 def ipc_handle(tensor: torch.Tensor) -> bytes:
@@ -74,7 +75,7 @@ class Endpoint:
               plan: list[Bucket], mode: str, num_sources: int, member_names: list[str], verify: bool) -> int:
         """Join the sync group (not in colocated mode) and allocate the double buffer; returns its bytes."""
         self.teardown()
-        if mode != "colocated":
+        if transport(mode).uses_group:
             self.group = SyncGroup(rank, world_size, master_addr, master_port, device, timeout_s, member_names)
         self.member = TransferMember(self.group, plan, mode, num_sources, verify, rank=rank, device=device)
         return self.member.buffer_bytes

@@ -6,14 +6,7 @@ asynchronously, and only then finishes bucket n-1: waits for its transfer, check
 delivers it (the rollout engine loads from the slot). So packing and moving bucket n overlap loading
 bucket n-1, and slot n % 2 is refilled only after bucket n-2 was delivered.
 
-Transports (`mode`):
-- "broadcast": bucket n's owner broadcasts the whole bucket; every member receives all of it (Kimi
-  K2's checkpoint engine). Sources also take part, as in Kimi's design where every worker gets the
-  full set.
-- "reduce_scatter": every member contributes its chunks for all receivers (zeros for what it does not
-  hold); an integer-sum reduce-scatter gives each receiver only its own chunk.
-- "colocated": no collective and no group; the owner of a bucket delivers it from its own slot to the
-  engines beside it (shared memory on CPU, CUDA IPC on GPU). Every source is its own receiver.
+The transport (`mode`: broadcast, reduce_scatter or colocated) is one of transports.py's classes.
 
 A receiver whose chunk fails its checksum does not deliver it and remembers the bucket; at the end of
 the push the members all-reduce one status word, so a mismatch anywhere fails the push on every member,
@@ -29,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
-from checkpoint_engine.buckets import Bucket, TensorMeta, pack, trailer_bytes, verify_chunk, write_checksum
+from checkpoint_engine.buckets import Bucket, TensorMeta, trailer_bytes, verify_chunk
 from checkpoint_engine.group import SyncError, SyncGroup
+from checkpoint_engine.transports import transport
 
-MODES = ("broadcast", "reduce_scatter", "colocated")
 STATUS_SHIFT = 24  # the status word: (failed bucket index + 1) << STATUS_SHIFT | (failed member rank + 1)
 
 Produce = Callable[[Bucket], dict[str, torch.Tensor]]
@@ -61,25 +54,14 @@ class TransferMember:
     def __init__(self, group: Optional[SyncGroup], plan: list[Bucket], mode: str, num_sources: int,
                  verify: bool = True, rank: Optional[int] = None, device: str = "cpu"):
         """`group` is None in colocated mode, where `rank` (the source index) and `device` are given."""
-        if mode not in MODES:
-            raise ValueError(f"transport must be one of {MODES} (got {mode!r})")
+        self.transport = transport(mode)
         self.group, self.plan, self.mode, self.verify = group, plan, mode, verify
         self.num_sources = num_sources
         rank = group.rank if group is not None else rank
         self.rank = rank
         self.source = rank if rank < num_sources else None
         self.receiver = rank - num_sources if rank >= num_sources else None
-        tail = trailer_bytes(num_sources)
-        if mode == "colocated":
-            self._recv_bytes = max((b.chunk_bytes[0] + tail for b in plan if b.owner == rank), default=0)
-            self._send_bytes = 0
-        elif mode == "broadcast":
-            self._recv_bytes = max((b.chunk_bytes[0] + tail for b in plan), default=0)
-            self._send_bytes = 0
-        else:
-            own = [0 if self.receiver is None else b.chunk_bytes[self.receiver] + tail for b in plan]
-            self._recv_bytes = max(own, default=0)
-            self._send_bytes = max((sum(b.chunk_bytes) + tail * len(b.chunk_bytes) for b in plan), default=0)
+        self._recv_bytes, self._send_bytes = self.transport.buffer_bytes(self, plan)
         device = group.device if group is not None else device
         self.slots = [_buffer(self._recv_bytes, device) for _ in range(2)]
         self.send_slots = [_buffer(self._send_bytes, device) for _ in range(2)] if self._send_bytes else []
@@ -89,49 +71,22 @@ class TransferMember:
         return sum(s.numel() for s in self.slots + self.send_slots)
 
     # --- one bucket --------------------------------------------------------------------------------
-    def _send_chunks(self, bucket: Bucket, slot: int) -> list[torch.Tensor]:
-        """reduce_scatter: the views of this member's send slot, one per receiver (data + trailer)."""
+    def _fill(self, bucket: Bucket, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Pack this source's contribution (the transport's way); a test wraps it to corrupt a chunk."""
+        self.transport.fill(self, bucket, slot, tensors)
+
+    def send_chunks(self, bucket: Bucket, slot: int) -> list[torch.Tensor]:
+        """The views of this member's send slot, one per receiver (data + trailer)."""
         tail, send, offset, chunks = trailer_bytes(self.num_sources), self.send_slots[slot], 0, []
         for data in bucket.chunk_bytes:
             chunks.append(send[offset:offset + data + tail])
             offset += data + tail
         return chunks
 
-    def _fill(self, bucket: Bucket, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Pack this source's contribution into the buffer the collective sends from."""
-        if self.mode != "reduce_scatter":
-            if self.source == bucket.owner:
-                chunk, data = self.slots[slot], bucket.chunk_bytes[0]
-                pack(chunk, data, bucket.layout(0), tensors)
-                if self.verify:
-                    write_checksum(chunk, data, self.source, self.num_sources)
-            return
-        for r, (chunk, data) in enumerate(zip(self._send_chunks(bucket, slot), bucket.chunk_bytes)):
-            if self.source is None:
-                chunk.zero_()  # receivers add nothing (and gloo may use its inputs as scratch)
-            else:
-                pack(chunk, data, bucket.layout(r), tensors)
-                if self.verify:
-                    write_checksum(chunk, data, self.source, self.num_sources)
-
-    def _start(self, bucket: Bucket, slot: int):
-        if self.mode == "colocated":
-            return None
-        if self.mode == "broadcast":
-            size = bucket.chunk_bytes[0] + trailer_bytes(self.num_sources)
-            return self.group.broadcast(self.slots[slot][:size], src=bucket.owner, async_op=True)
-        chunks = [c.view(torch.int64) for c in self._send_chunks(bucket, slot)]
-        empty = self.send_slots[slot][:0].view(torch.int64)
-        own = self._chunk(bucket, slot)[0] if self.receiver is not None else self.slots[slot][:0]
-        # members 0..S-1 (the sources) receive nothing
-        return self.group.reduce_scatter(own.view(torch.int64), [empty] * self.num_sources + chunks, async_op=True)
-
-    def _chunk(self, bucket: Bucket, slot: int) -> tuple[torch.Tensor, int]:
+    def chunk(self, bucket: Bucket, slot: int) -> tuple[torch.Tensor, int]:
+        """This member's received chunk of `bucket` in `slot` (data then trailer), and its data bytes."""
         data = bucket.chunk_bytes[0] if not bucket.sliced else bucket.chunk_bytes[self.receiver]
         return self.slots[slot][:data + trailer_bytes(self.num_sources)], data
-
-    def _delivers(self, bucket: Bucket) -> bool:
-        return bucket.owner == self.source if self.mode == "colocated" else self.receiver is not None
 
     def _finish(self, bucket: Bucket, slot: int, work, deliver: Optional[Deliver], times: dict, version: int):
         """Wait for bucket's transfer, check and deliver it; returns the delivery's waiter, if any."""
@@ -141,9 +96,9 @@ class TransferMember:
         t1 = time.perf_counter()
         times["transfer"] += t1 - t0
         status, waiter = 0, None  # status: this member's rank + 1 on a checksum mismatch
-        if self._delivers(bucket):
-            chunk, data = self._chunk(bucket, slot)
-            ok = not self.verify or self.mode == "colocated" or verify_chunk(chunk, data, self.num_sources)
+        if self.transport.delivers(self, bucket):
+            chunk, data = self.chunk(bucket, slot)
+            ok = not self.verify or not self.transport.checks_chunks or verify_chunk(chunk, data, self.num_sources)
             if not ok:
                 status = self.rank + 1
             if deliver is not None:
@@ -194,7 +149,7 @@ class TransferMember:
                 t2 = time.perf_counter()
                 times["gather"] += t1 - t0
                 times["pack"] += t2 - t1
-                work = self._start(bucket, slot)
+                work = self.transport.start(self, bucket, slot)
                 if pending is not None:
                     waiters[pending[1]] = self._finish(*pending, deliver, times, version)
                 pending = (bucket, slot, work)
@@ -210,6 +165,6 @@ class TransferMember:
                 raise SyncError(f"weight push v{version} (colocated, source {self.rank}) failed: {exc}") from exc
             raise self.group.failure(f"weight push v{version} ({self.mode}, member "
                                      f"{self.group.member_names[self.group.rank]})", exc) from exc
-        received = sum(self._chunk(b, 0)[1] for b in self.plan if self._delivers(b))
+        received = sum(self.chunk(b, 0)[1] for b in self.plan if self.transport.delivers(self, b))
         return {"seconds": time.perf_counter() - start, "buckets": len(self.plan), "bytes_received": received,
                 **{f"{k}_seconds": v for k, v in times.items()}}

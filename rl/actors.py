@@ -3,6 +3,7 @@ SGLang rollout engine beside trainer rank 0 (same placement-group bundle), the w
 them, and with a PARL swarm the frozen sub-agent engine in a bundle of its own."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -53,15 +54,15 @@ class Actors:
         trainers = start_trainers()
         r = config.rollout
 
-        def start_rollout(path: str, bundle: int, share: float, tp: int):
+        def start_rollout(path: str, bundle: int, share: float, settings):
             return ray.remote(RolloutEngine).options(
                 num_cpus=1, num_gpus=share, scheduling_strategy=in_bundle(pg, bundle)).remote(
-                path, device=device, tensor_parallel_size=tp, max_total_tokens=r.max_total_tokens,
-                mem_fraction_static=r.mem_fraction_static, seed=config.seed,
-                release_memory_during_train=r.release_memory_during_train and share < 1)
+                path, settings, device=device, seed=config.seed)
 
-        rollout = start_rollout(model_path, 0, 0.5, r.tensor_parallel_size)  # beside trainer rank 0
-        subagents = start_rollout(w.subagent_model or model_path, world, 1.0, 1) if w.enabled else None
+        rollout = start_rollout(model_path, 0, 0.5, r)  # beside trainer rank 0
+        # the sub-agent engine has a bundle (GPU) of its own: TP 1, nothing to release for a trainer
+        subagent_settings = dataclasses.replace(r, tensor_parallel_size=1, release_memory_during_train=False)
+        subagents = start_rollout(w.subagent_model or model_path, world, 1.0, subagent_settings) if w.enabled else None
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
         # ports too: if it took this one first, the trainers start again on another.

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from checkpoint_engine.endpoint import Endpoint, engine_delivery
+from checkpoint_engine.transports import transport
 from rl.algo.objectives import ObjectiveSettings
 from rl.sample import Sample
 from rl.trainer import compute
@@ -204,7 +205,7 @@ class TrainingEngine:
 
     def weight_sync_setup(self, rollouts: Optional[list] = None, **endpoint_args) -> int:
         """Join the sync group; in colocated mode, `rollouts` are the engines this rank delivers to."""
-        self._sync_placed = endpoint_args["mode"] == "reduce_scatter"
+        self._sync_placed = transport(endpoint_args["mode"]).sliced
         self._sync_deliver = engine_delivery(rollouts, endpoint_args["timeout_s"]) if rollouts else None
         return self._sync.setup(**endpoint_args)
 

@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 
 from rl.sample import Sample
+from rollout.config import RolloutConfig
 from rollout.sglang import loader as sglang_loader
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +26,11 @@ def _export_repo_to_workers() -> None:
 
 
 class RolloutEngine:
-    def __init__(self, model_path: str, device: str = "auto", tensor_parallel_size: int = 1,
-                 max_total_tokens: int = 8192, mem_fraction_static: float = 0.3, dtype: str = "float32",
-                 seed: int = 0, release_memory_during_train: bool = False):
+    def __init__(self, model_path: str, config: Optional[RolloutConfig] = None, device: str = "auto", seed: int = 0,
+                 dtype: str = "float32"):
+        """An SGLang engine of `config`'s tensor-parallel size, KV-cache cap and memory settings."""
+        config = config or RolloutConfig()
+        tensor_parallel_size, release_memory_during_train = config.tensor_parallel_size, config.release_memory_during_train
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict = {}
         loaders = list(sglang_loader.LOADERS)
@@ -38,12 +41,12 @@ class RolloutEngine:
             kwargs.update(sglang_cpu.engine_kwargs(tensor_parallel_size))
             loaders += sglang_cpu.LOADERS
         else:
-            kwargs.update(mem_fraction_static=mem_fraction_static, enable_memory_saver=release_memory_during_train)
+            kwargs.update(mem_fraction_static=config.mem_fraction_static, enable_memory_saver=release_memory_during_train)
         _export_repo_to_workers()
         import sglang
 
         self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
-                                    max_total_tokens=max_total_tokens, random_seed=seed, log_level="error",
+                                    max_total_tokens=config.max_total_tokens, random_seed=seed, log_level="error",
                                     custom_weight_loader=loaders, **kwargs)
         # CPU: objects each scheduler process keeps from start-up, now out of the collector's reach
         self.frozen_objects = sglang_cpu.after_start(self.engine) if self.device == "cpu" else []

@@ -250,9 +250,10 @@ def test_hf_export_loads_in_transformers_with_the_trained_weights(chain, random_
 def _generate_with_sglang(model_dir, out_path):
     """In a child process: SGLang's CPU set-up (stand-ins on the path) must not leak into pytest's."""
     from rl.sample import Sample
+    from rollout.config import RolloutConfig
     from rollout.sglang.engine import RolloutEngine
 
-    engine = RolloutEngine(model_dir, device="cpu", max_total_tokens=1024, seed=0)
+    engine = RolloutEngine(model_dir, RolloutConfig(max_total_tokens=1024), device="cpu", seed=0)
     try:
         samples = [Sample(group_id=i, prompt=p, prompt_ids=engine.tokenizer.encode(p), reference="")
                    for i, p in enumerate(["12+34=", "7+8="])]

@@ -12,10 +12,11 @@ def engine_factory():
     engines = {}  # one engine per model for the whole module (each start costs about 25 s)
 
     def make(path):
+        from rollout.config import RolloutConfig
         from rollout.sglang.engine import RolloutEngine
 
         if path not in engines:
-            engines[path] = RolloutEngine(path, device="cpu", max_total_tokens=2048, seed=0)
+            engines[path] = RolloutEngine(path, RolloutConfig(max_total_tokens=2048), device="cpu", seed=0)
         return engines[path]
 
     yield make
