@@ -139,7 +139,10 @@ class Sandbox:
         self.mode = isolation_mode()
         home = os.path.expanduser("~")
         cover = [REPO_ROOT, os.path.dirname(REPO_ROOT), home, *self.hidden]
-        self.cover = sorted({p for p in cover if p not in ("/", "") and not self.python.startswith(p + "/")})
+        # /tmp, /var/tmp and /dev/shm are fresh tmpfs in the sandbox already; covering one (a project
+        # cloned straight into /tmp has it as its parent) would hide the working directory bound there
+        private = ("/", "", "/tmp", "/var/tmp", "/dev/shm")
+        self.cover = sorted({p for p in cover if p not in private and not self.python.startswith(p + "/")})
         if not os.access(self.python, os.X_OK):
             raise FileNotFoundError(f"sandbox: no Python interpreter at {self.python}")
         if shutil.which("prlimit") is None:

@@ -119,3 +119,11 @@ def test_code_reward_runs_stdin_and_assert_tests_and_reports_each():
     assert score == 0.0 and parts == {"test0": 1.0, "test1": 0.0, "status_ok": 1.0, "status_error": 1.0}
     hostile = _code_sample("```python\nwhile True: pass\n```", ["assert True"])
     assert code_tests(hostile, wall_s=5, cpu_s=1) == (0.0, {"test0": 0.0, "status_cpu_time": 1.0})
+
+
+def test_a_project_cloned_into_tmp_still_runs_programs():
+    """A clone at /tmp/<name> has /tmp as its parent folder: covering it would hide the working directory."""
+    box = Sandbox(LIMITS, hidden=("/tmp", "/var/tmp"))
+    assert "/tmp" not in box.cover
+    result = box.run_python("print(6 * 7)")
+    assert result.status == "ok" and result.stdout == "42\n", result
