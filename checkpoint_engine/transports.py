@@ -114,5 +114,3 @@ class Colocated(Transport):
     def delivers(self, m, bucket):
         return bucket.owner == m.source
 
-
-MODES = tuple(TRANSPORTS)

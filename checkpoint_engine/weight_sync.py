@@ -35,7 +35,8 @@ class WeightSync:
         """`tp_regions` (reduce_scatter only): each tensor's region per rollout TP rank
         (`rollout.sglang.tp_shards.region_rule`); with it every engine gets `rollout_tp_size` receivers."""
         self.trainers, self.rollouts, self.rollout_strategies = trainers, rollouts, rollout_strategies
-        self.tp_size = rollout_tp_size if transport(config.transport).sliced and tp_regions is not None else 1
+        self.kind = transport(config.transport)  # the Transport behind the name
+        self.tp_size = rollout_tp_size if self.kind.sliced and tp_regions is not None else 1
         self.tp_regions = tp_regions
         self.transport, self.bucket_bytes, self.device = config.transport, config.bucket_bytes, device
         self.timeout_s, self.verify_checksums, self.verify_full = config.timeout_s, config.verify_checksums, config.verify_full
@@ -45,7 +46,7 @@ class WeightSync:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _make_plan(self) -> list[Bucket]:
-        placed = transport(self.transport).sliced
+        placed = self.kind.sliced
         provided = ray.get([t.weight_sync_provided.remote(placed) for t in self.trainers], timeout=self.timeout_s)
         tensors = {}
         for metas in provided:
@@ -74,7 +75,7 @@ class WeightSync:
         common = dict(master_addr="127.0.0.1", master_port=free_port(), device=self.device, timeout_s=self.timeout_s,
                       plan=self.plan, mode=self.transport, num_sources=len(self.trainers),
                       verify=self.verify_checksums)
-        if not transport(self.transport).uses_group:
+        if not self.kind.uses_group:
             common.update(world_size=len(self.trainers), member_names=self.member_names())
             refs = [t.weight_sync_setup.remote(rollouts=self.rollouts, rank=i, **common)
                     for i, t in enumerate(self.trainers)]

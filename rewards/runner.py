@@ -39,23 +39,21 @@ class RewardSpec:
     name: str = "exact_match"  # a registered reward (rewards/registry.py) or "package.module:function"
     weight: float = 1.0
     per_group: Optional[bool] = None  # for a path to an undecorated function: it scores a whole group
-    isolation: str = "thread"  # thread, or process: killable at the timeout (untrusted / CPU-heavy code)
-    timeout_s: Optional[float] = None  # None: rewards.timeout_s
-    memory_mb: Optional[int] = None  # process isolation: address-space limit of the child
+    # thread, or process: killable at the timeout (untrusted / CPU-heavy code)
+    isolation: str = field(default="thread", metadata={"choices": ISOLATIONS})
+    timeout_s: Optional[float] = field(default=None, metadata={"gt": 0})  # None: rewards.timeout_s
+    # process isolation: address-space limit of the child
+    memory_mb: Optional[int] = field(default=None, metadata={"gt": 0})
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the function
 
     def check(self) -> None:
-        """Raise ValueError('<field>: <why> (got <value>)') for the first bad field."""
+        """What the fields' bounds (metadata) cannot say: the reward loads, and its weight is finite."""
         try:
             resolve(self.name, self.per_group)
         except ValueError as exc:
             raise ValueError(f"name: {exc}") from None
-        for name, ok, why in (("weight", math.isfinite(self.weight), "must be finite"),
-                              ("isolation", self.isolation in ISOLATIONS, f"must be one of {ISOLATIONS}"),
-                              ("timeout_s", self.timeout_s is None or self.timeout_s > 0, "must be > 0 or null"),
-                              ("memory_mb", self.memory_mb is None or self.memory_mb > 0, "must be > 0 or null")):
-            if not ok:
-                raise ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"weight: must be finite (got {self.weight!r})")
 
 
 @dataclass

@@ -35,13 +35,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
 
+PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")  # fresh, size-limited in the sandbox
+
 # Runs inside the new namespaces as root of them: set up the file system view, then start the program.
 # $1 = whether to drop to nobody, $2 = tmpfs size (MiB), then the paths to cover, "--", the command.
 _SETUP = r"""
 set -e
 drop=$1; size=$2; shift 2
 mount --make-rprivate /
-for d in /tmp /var/tmp /dev/shm; do
+for d in {private_tmpfs}; do
   if [ -d "$d" ]; then mount -t tmpfs -o "size=${size}m,mode=1777" tmpfs "$d"; fi
 done
 mkdir /tmp/work
@@ -59,7 +61,7 @@ else
   "$@"
 fi
 exit $?
-"""
+""".replace("{private_tmpfs}", " ".join(PRIVATE_TMPFS))
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,8 @@ class Sandbox:
         cover = [REPO_ROOT, os.path.dirname(REPO_ROOT), home, *self.hidden]
         # /tmp, /var/tmp and /dev/shm are fresh tmpfs in the sandbox already; covering one (a project
         # cloned straight into /tmp has it as its parent) would hide the working directory bound there
-        private = ("/", "", "/tmp", "/var/tmp", "/dev/shm")
-        self.cover = sorted({p for p in cover if p not in private and not self.python.startswith(p + "/")})
+        self.cover = sorted({p for p in cover if p not in ("/", "", *PRIVATE_TMPFS)
+                             and not self.python.startswith(p + "/")})
         if not os.access(self.python, os.X_OK):
             raise FileNotFoundError(f"sandbox: no Python interpreter at {self.python}")
         if shutil.which("prlimit") is None:

@@ -32,7 +32,7 @@ class Collector:
         self.prompts = PromptSource(config.data, config.task, config.seed)
         r = config.rewards
         self.rewards = RewardRunner(r.task_types, r.timeout_s, r.concurrency, r.fallback)
-        self.step_index = 0  # set by the loop before each step: temperatures and schedules follow it
+        self.step_index = 0  # the RL step being collected (the loop's counter): temperatures and schedules follow it
         self.next_prompt = 0  # position in the task's prompt stream (dynamic sampling reads ahead)
         # The replay buffer of partial rollouts: groups with a response paused at the per-iteration token
         # budget, continued (under newer weights) in the next round or step before they are trained on.

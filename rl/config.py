@@ -11,6 +11,7 @@ OmegaConf checks the types) and validates it. Every problem is one line that nam
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -23,6 +24,7 @@ from rewards.config import CriticConfig, RewardsConfig
 from rewards.runner import DEFAULT_TASK_TYPE, RewardSpec
 from rl.algo.config import AlgorithmConfig, BudgetConfig, PTXConfig
 from rl.algo.ptx import PTX_FIELDS
+from rl.algo.schedules import SCHEDULES
 from rl.data.config import DataConfig, EvalConfig, TaskConfig, TaskFamilyConfig
 from rl.data.prompts import Family, load_records
 from rl.demo.config import ModelConfig, WarmStartConfig
@@ -131,23 +133,24 @@ def _reward_specs(task_type: str, raw: Any) -> list[RewardSpec]:
 
 
 # --- the packages' own checks ----------------------------------------------------------------------
+_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
+
+
 def bound_problem(value: Any, rules: dict, optional: bool) -> Optional[str]:
     """What is wrong with `value` under a field's metadata rules (None: nothing), e.g. "must be >= 1"."""
-    if value is None or not rules.keys() & {"ge", "gt", "le", "lt", "choices"}:
+    bounds = [(key, symbol, test) for key, symbol, test in _BOUNDS if key in rules]
+    if value is None or not (bounds or "choices" in rules):
         return None
-    ge, gt, le, lt, choices = (rules.get(k) for k in ("ge", "gt", "le", "lt", "choices"))
-    if choices is not None:
-        ok, text = value in choices, f"must be one of {tuple(choices)}"
+    if "choices" in rules:
+        ok, text = value in rules["choices"], f"must be one of {tuple(rules['choices'])}"
     else:
-        ok = ((ge is None or value >= ge) and (gt is None or value > gt)
-              and (le is None or value <= le) and (lt is None or value < lt))
-        low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
-        high = f"{le}]" if le is not None else f"{lt})" if lt is not None else None
-        if low and high:
-            text = f"must be in {low}, {high}"
+        ok = all(test(value, rules[key]) for key, _, test in bounds)
+        if len(bounds) == 2:  # a lower and an upper bound: an interval, [a, b) and the like
+            (low, _, _), (high, _, _) = bounds
+            text = f"must be in {'[' if low == 'ge' else '('}{rules[low]}, {rules[high]}{']' if high == 'le' else ')'}"
         else:
-            text = f"must be {'>=' if ge is not None else '>' if gt is not None else '<=' if le is not None else '<'} " \
-                   f"{next(v for v in (ge, gt, le, lt) if v is not None)}"
+            (key, symbol, _), = bounds
+            text = f"must be {symbol} {rules[key]}"
     if ok:
         return None
     return text + (" or null" if optional else "") + (f" ({rules['why']})" if "why" in rules else "")
@@ -158,14 +161,11 @@ def check_section(section: Any, at: str) -> None:
     data.families.<name> or rewards.task_types.<type>[i]), then the section's own `check()`."""
     for f in dataclasses.fields(section):
         value, key = getattr(section, f.name), f"{at}.{f.name}" if at else f.name
-        if dataclasses.is_dataclass(value) or isinstance(value, (dict, list)):
-            for item, where in _sections(value, key):
-                check_section(item, where)
-            if dataclasses.is_dataclass(value):
-                continue
+        for item, where in _sections(value, key):
+            check_section(item, where)
         problem = bound_problem(value, f.metadata, optional="Optional" in str(f.type))
         if problem:
-            raise ConfigError(f"{at + '.' if at else ''}{f.name}: {problem} (got {value!r})")
+            raise ConfigError(f"{key}: {problem} (got {value!r})")
     if at and hasattr(section, "check"):
         try:
             section.check()
@@ -196,6 +196,8 @@ def validate(c: Config) -> None:
     check_section(c, "")
     _validate_layouts(c)
     a, r, p = c.algorithm, c.rollout, c.ptx
+    _require(r.temperature_schedule in SCHEDULES, "rollout.temperature_schedule", f"must be one of {SCHEDULES}",
+             r.temperature_schedule)
     _require(r.prompts_per_step % a.updates_per_step == 0, "algorithm.updates_per_step",
              "must divide rollout.prompts_per_step", a.updates_per_step)
     if p.path is not None:

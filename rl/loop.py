@@ -43,7 +43,6 @@ class RLLoop:
         task = AdditionTask(config.task.digits, config.task.seed, config.task.reverse_answer)
         self.ptx = PTXData(tokenizer, config.ptx.path, task, config.seed) if config.ptx.coef > 0 else None
         self.weight_version = 0  # the engines start from the same checkpoint: version 0
-        self.step_index = 0
         self.last_samples: list[Sample] = []  # the last step's trained samples, for inspection
         # The current policy behind an OpenAI-compatible endpoint: the default judge of self-critique
         # rewards and of the critic check, and reachable by users' reward code (rewards.builtin.self_critique).
@@ -56,6 +55,15 @@ class RLLoop:
         agentic = AgentRollout(config.agent, config.task, tokenizer, engines.rollout, engines.subagents,
                                config.trainer.timeout_s) if config.agent.environment else None
         self.collector = Collector(config, engines.rollout, tokenizer, agentic)
+
+    @property
+    def step_index(self) -> int:
+        """The steps done so far; one counter, the collector's, which temperatures and schedules follow."""
+        return self.collector.step_index
+
+    @step_index.setter
+    def step_index(self, value: int) -> None:
+        self.collector.step_index = value
 
     def call_trainers(self, method: str, *args, **kwargs):
         """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
@@ -71,7 +79,6 @@ class RLLoop:
         self.collector.load_state_dict(saved)
 
     def evaluate(self) -> Optional[float]:
-        self.collector.step_index = self.step_index
         return self.collector.evaluate()
 
     # --- phases ----------------------------------------------------------------------------------------
@@ -130,7 +137,6 @@ class RLLoop:
 
     def step(self) -> dict[str, float]:
         c, timing = self.config, {}
-        self.collector.step_index = self.step_index
         with marked_timer("step", timing):
             self.reseed_engines()
             with marked_timer("generate", timing):  # generation rounds, with scoring and shaping inside

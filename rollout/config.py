@@ -22,8 +22,8 @@ class RolloutConfig:
     temperature: float = field(default=1.0, metadata={"gt": 0})
     # None: constant temperature (K2's decay values are undisclosed)
     temperature_end: Optional[float] = field(default=None, metadata={"gt": 0})
-    temperature_schedule: str = field(default="linear", metadata={  # rl/algo/schedules.py
-        "choices": ("linear", "cosine", "exponential")})
+    # linear | cosine | exponential (rl/algo/schedules.py, whose list rl/config.py checks it against)
+    temperature_schedule: str = "linear"
     # steps to reach temperature_end; None: the whole run
     temperature_decay_steps: Optional[int] = field(default=None, metadata={"ge": 1})
     # K1.5 partial rollouts: per-iteration output-token budget of a response; one that is not finished

@@ -53,8 +53,6 @@ class TrainingEngine:
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.layout = config.layout().check(**model_shape(self.hf_config))
         self.device = resolve_device(device)
-        self.grad_clip, self.micro_batch_tokens = config.grad_clip, config.micro_batch_tokens
-        self.qk_clip_tau = config.qk_clip_tau  # MuonClip's tau (K2: 100); None: no QK-Clip
         init_distributed(self.layout, rank, master_addr, master_port, self.device, config.timeout_s,
                          config.seed if seed is None else seed)
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -69,7 +67,7 @@ class TrainingEngine:
         multiple = config.vocab_pad_multiple * self.layout.tensor_parallel_size
         self.padded_vocab = -(-self.vocab_size // multiple) * multiple
         self.model = build_model(self.hf_config, self.arch, self.layout, self.device, self.padded_vocab,
-                                 self.qk_clip_tau, self.first_stage, self.last_stage)
+                                 config.qk_clip_tau, self.first_stage, self.last_stage)
         self.ddp = wrap_ddp(self.model)
         self.load_hf_weights(load_hf_state_dict(model_path))
         self.optimizer = build_optimizer([self.model], config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
@@ -170,7 +168,7 @@ class TrainingEngine:
             for p in self.model.parameters():
                 p.grad = None  # else the next backward adds into main_grad through p.grad as well
             self.scheduler.step()
-            if self.qk_clip_tau is not None:
+            if self.config.qk_clip_tau is not None:  # MuonClip's QK-Clip (K2: tau 100)
                 max_logits.append(self._apply_qk_clip())
         metrics = {"loss": sum(r["loss"] for r in results) / len(results), "grad_norm": max(norms), "lr": lr,
                    "train_seconds": time.perf_counter() - start}
@@ -190,7 +188,7 @@ class TrainingEngine:
 
     def _clip_grad_norm(self) -> float:
         norm = self.grad_norm()
-        scale = self.grad_clip / (norm + 1e-6)
+        scale = self.config.grad_clip / (norm + 1e-6)
         if scale < 1.0:
             for p in self.model.parameters():
                 p.main_grad.mul_(scale)

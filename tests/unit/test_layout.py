@@ -61,10 +61,11 @@ def test_no_class_over_250_lines():
 
 
 def test_nothing_points_outside_the_clone():
-    """Docs and code cite the project's own docs/, never a folder a user's clone does not have."""
-    needles = ("../shared/", "kimi-rl-spec")
+    """Docs and code cite the project's own docs/ (docs/kimi-methods.md for the Kimi formulas), never
+    the research folder beside the development checkout, which a user's clone does not have. The
+    needles are assembled from parts, so this file does not name that folder itself."""
+    needles = ("/".join(("..", "shared", "")), "-".join(("kimi", "rl", "spec")))
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    files = [ROOT / name for name in tracked.split() if (ROOT / name).is_file()
-             and (ROOT / name).resolve() != pathlib.Path(__file__).resolve()]
+    files = [ROOT / name for name in tracked.split() if (ROOT / name).is_file()]
     bad = [f"{p.relative_to(ROOT)}" for p in files if any(n in p.read_text(errors="ignore") for n in needles)]
     assert not bad, "references to a folder outside the project:\n" + "\n".join(bad)
