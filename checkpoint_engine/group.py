@@ -26,8 +26,17 @@ class SyncError(RuntimeError):
 def free_port() -> int:
     """A TCP port free on this host now (for a process group's rendezvous)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def node_address() -> tuple[str, int]:
+    """This node's address and a port free on it now: a rendezvous point processes on other nodes can
+    reach (inside a Ray worker, the node's address as Ray knows it; elsewhere, loopback)."""
+    import ray
+
+    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    return host, free_port()
 
 
 def backend_for(device: str) -> str:

@@ -17,7 +17,7 @@ import ray
 
 from checkpoint_engine.buckets import Bucket, Region, TensorMeta, plan_full, plan_sliced
 from checkpoint_engine.config import WeightSyncConfig
-from checkpoint_engine.group import SyncError, free_port
+from checkpoint_engine.group import SyncError
 from checkpoint_engine.receiver import WeightReceiver
 from checkpoint_engine.transports import transport
 
@@ -43,6 +43,7 @@ class WeightSync:
         self.plan: Optional[list[Bucket]] = None
         self.receivers: list = []
         self.payload_bytes = 0
+        self.rendezvous: Optional[tuple[str, int]] = None  # (address, port) of the last setup
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _make_plan(self) -> list[Bucket]:
@@ -72,7 +73,10 @@ class WeightSync:
     def setup(self) -> None:
         self.teardown()
         self.plan = self._make_plan()
-        common = dict(master_addr="127.0.0.1", master_port=free_port(), device=self.device, timeout_s=self.timeout_s,
+        # the group meets at trainer rank 0's node (rank 0 hosts the store), on a port picked there
+        master_addr, master_port = ray.get(self.trainers[0].rendezvous_point.remote(), timeout=self.timeout_s)
+        self.rendezvous = (master_addr, master_port)
+        common = dict(master_addr=master_addr, master_port=master_port, device=self.device, timeout_s=self.timeout_s,
                       plan=self.plan, mode=self.transport, num_sources=len(self.trainers),
                       verify=self.verify_checksums)
         if not self.kind.uses_group:

@@ -1,6 +1,7 @@
-"""The actors of one colocated RL job, started and stopped together: the Megatron trainer ranks, the
-SGLang rollout engine beside trainer rank 0 (same placement-group bundle), the weight sync between
-them, and with a PARL swarm the frozen sub-agent engine in a bundle of its own."""
+"""The actors of one colocated RL job, started and stopped together: the Megatron trainer ranks (rank i
+in slot i), the SGLang rollout engines over the same GPU bundles (engine j over slots j*t .. j*t+t-1,
+behind a RolloutManager), the weight sync between them, and with a PARL swarm the frozen sub-agent
+engine in a bundle of its own. Placement: rl/cluster.py; docs/scaling.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,58 +12,69 @@ from typing import Optional
 import ray
 from transformers import AutoConfig
 
-from checkpoint_engine.group import free_port
 from checkpoint_engine.weight_sync import WeightSync
-from rl.cluster import colocated_bundles, in_bundle, start_ray
+from rl.cluster import Placement, place, start_ray
 from rl.config import Config
 from rl.trainer.engine import TrainingEngine
 from rl.trainer.setup import resolve_device
+from rollout.manager import RolloutManager
 from rollout.sglang.engine import RolloutEngine
 from rollout.sglang.tp_shards import region_rule
 
 log = logging.getLogger(__name__)
 PORT_ATTEMPTS = 3
+SHARE = 0.5  # of a bundle's GPU, for each of the two actors colocated on it
 
 
 @dataclass
 class Actors:
     """The actors of one colocated RL job."""
-    trainers: list  # one per training rank (TP x PP x DP), trainer i in bundle i
-    rollout: object  # the SGLang engine, in bundle 0 beside trainer rank 0
+    trainers: list  # one per training rank (TP x PP x DP), trainer i in slot i
+    rollout: RolloutManager  # the policy's SGLang engines
     sync: WeightSync
-    placement_group: object
-    subagents: Optional[object] = None  # PARL's frozen sub-agent engine: loaded once, never synced
+    placement: Placement
+    subagents: Optional[RolloutManager] = None  # PARL's frozen sub-agent engine: loaded once, never synced
+    trainer_rendezvous: tuple[str, int] = ("", 0)  # where the trainer ranks met: rank 0's node
 
     @classmethod
     def start(cls, config: Config, model_path: str) -> "Actors":
         world = config.trainer.layout().world_size
-        w = config.agent.swarm
+        r, w, timeout = config.rollout, config.agent.swarm, config.trainer.timeout_s
+        tp = r.tensor_parallel_size
+        num_engines = r.num_engines or max(1, world // tp)
         bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
         start_ray(config.cluster, num_bundles=bundles)
-        timeout = config.trainer.timeout_s
-        pg = colocated_bundles(bundles, timeout)
+        placement = place(bundles, config.cluster.placement, tp, num_engines, timeout)
+        log.info("placement (%s):\n%s", config.cluster.placement, placement.table(world))
+        nodes = {s.node_id for s in placement.slots[:world]}
+        if config.sync.transport == "colocated" and len(nodes) > 1:
+            ray.util.remove_placement_group(placement.pg)
+            raise RuntimeError(f"sync.transport=colocated hands weights over in memory shared on one node, but the "
+                               f"trainer ranks span {len(nodes)} nodes: use broadcast or reduce_scatter")
         device = resolve_device(config.cluster.device)
-        trainer_args = dict(master_addr="127.0.0.1", device=device, seed=config.trainer.seed + config.seed,
-                            lr_decay_steps=config.steps * config.algorithm.updates_per_step)
         trainer_cls = ray.remote(TrainingEngine)
+        trainer_args = dict(device=device, seed=config.trainer.seed + config.seed,
+                            lr_decay_steps=config.steps * config.algorithm.updates_per_step)
 
-        def start_trainers() -> list:
-            port = free_port()
-            return [trainer_cls.options(num_cpus=1, num_gpus=0.5, scheduling_strategy=in_bundle(pg, rank)).remote(
-                model_path, config.trainer, rank=rank, master_port=port, **trainer_args) for rank in range(world)]
+        def start_trainers() -> tuple[list, tuple[str, int]]:
+            address, port = placement.rendezvous(0, timeout)  # rank 0's node, a port picked there
+            return [trainer_cls.options(num_cpus=1, num_gpus=SHARE, scheduling_strategy=placement.strategy(rank)).remote(
+                model_path, config.trainer, rank=rank, master_addr=address, master_port=port, **trainer_args)
+                for rank in range(world)], (address, port)
 
-        trainers = start_trainers()
-        r = config.rollout
+        trainers, rendezvous = start_trainers()
+        engine_cls = ray.remote(RolloutEngine)
 
-        def start_rollout(path: str, bundle: int, share: float, settings):
-            return ray.remote(RolloutEngine).options(
-                num_cpus=1, num_gpus=share, scheduling_strategy=in_bundle(pg, bundle)).remote(
-                path, settings, device=device, seed=config.seed)
+        def start_engine(path: str, slot: int, share: float, settings, gpu_ids: list[str], seed: int):
+            return engine_cls.options(num_cpus=1, num_gpus=share, scheduling_strategy=placement.strategy(slot)).remote(
+                path, settings, device=device, seed=seed, gpu_ids=gpu_ids)
 
-        rollout = start_rollout(model_path, 0, 0.5, r)  # beside trainer rank 0
+        engines = [start_engine(model_path, j * tp, SHARE, r, placement.engine_gpu_ids(j), config.seed + j)
+                   for j in range(num_engines)]
         # the sub-agent engine has a bundle (GPU) of its own: TP 1, nothing to release for a trainer
         subagent_settings = dataclasses.replace(r, tensor_parallel_size=1, release_memory_during_train=False)
-        subagents = start_rollout(w.subagent_model or model_path, world, 1.0, subagent_settings) if w.enabled else None
+        subagent_engine = start_engine(w.subagent_model or model_path, world, 1.0, subagent_settings,
+                                       list(placement.slots[world].gpu_ids), config.seed) if w.enabled else None
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
         # ports too: if it took this one first, the trainers start again on another.
@@ -76,24 +88,29 @@ class Actors:
                 if "EADDRINUSE" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
                     raise
                 log.warning("trainer rendezvous port taken; starting the trainers again on another")
-                trainers = start_trainers()
-        ray.get([e.__ray_ready__.remote() for e in (rollout, subagents) if e is not None], timeout=timeout)
-        s = config.sync
-        sync = WeightSync(trainers, [rollout], [in_bundle(pg, 0)], s, device, rollout_tp_size=r.tensor_parallel_size,
-                                tp_regions=region_rule(AutoConfig.from_pretrained(model_path), r.tensor_parallel_size))
+                trainers, rendezvous = start_trainers()
+        ray.get([e.__ray_ready__.remote() for e in [*engines, subagent_engine] if e is not None], timeout=timeout)
+        sync = WeightSync(trainers, engines, [placement.strategy(j * tp) for j in range(num_engines)], config.sync,
+                          device, rollout_tp_size=tp, tp_regions=region_rule(AutoConfig.from_pretrained(model_path), tp))
         sync.setup()  # the sub-agent engine is not among the sync's engines: its weights stay fixed
-        return cls(trainers, rollout, sync, pg, subagents)
+        rollout = RolloutManager(engines, timeout, seed=config.seed)
+        subagents = RolloutManager([subagent_engine], timeout, seed=config.seed + 1) if w.enabled else None
+        return cls(trainers, rollout, sync, placement, subagents, rendezvous)
+
+    @property
+    def managers(self) -> list[RolloutManager]:
+        return [m for m in (self.rollout, self.subagents) if m is not None]
 
     def shutdown(self) -> None:
         try:
             self.sync.teardown()
         except Exception:
             pass
-        engines = [e for e in (self.rollout, self.subagents) if e is not None]
+        engines = [e for m in self.managers for e in m.engines]
         try:
             ray.get([e.shutdown.remote() for e in engines], timeout=60)
         except Exception:
             pass
         for actor in [*self.trainers, *engines]:
             ray.kill(actor)
-        ray.util.remove_placement_group(self.placement_group)
+        ray.util.remove_placement_group(self.placement.pg)

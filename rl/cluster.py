@@ -1,17 +1,25 @@
-"""Ray cluster and colocated placement: start a local cluster or join one, and reserve bundles.
+"""Ray cluster and placement: start a local cluster or join one, reserve one bundle per GPU across the
+nodes, and say which bundle holds which trainer rank and which rollout engine.
 
-Each bundle is one GPU (fake on CPU: Ray schedules logical GPUs on a machine without any) plus a
-CPU; trainer rank i and the rollout engine share bundle 0..n-1, so they are colocated.
+Each bundle is one GPU (logical on CPU: Ray schedules GPUs a machine does not have) plus CPUs. Trainer
+rank i sits in slot i; rollout engine j of tensor-parallel size t spans slots j*t .. j*t+t-1, all on
+one node, so every GPU serves rollout and training in turn (docs/scaling.md). Slots are the bundles
+ordered by node, so consecutive slots share a node whatever order Ray listed the bundles in.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from checkpoint_engine.group import node_address
 from rl.config import ClusterConfig
+
+CPUS_PER_BUNDLE = 2  # a trainer rank and a rollout engine's process (Ray sets OMP threads from these)
+STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 
 
 def start_ray(cfg: ClusterConfig, num_bundles: int) -> None:
@@ -21,15 +29,92 @@ def start_ray(cfg: ClusterConfig, num_bundles: int) -> None:
         ray.init(address=cfg.address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster needs no token
-    ray.init(num_cpus=cfg.num_cpus or 2 * num_bundles, num_gpus=num_bundles, include_dashboard=False,
+    ray.init(num_cpus=cfg.num_cpus or CPUS_PER_BUNDLE * num_bundles, num_gpus=num_bundles, include_dashboard=False,
              log_to_driver=True)
-
-
-def colocated_bundles(num_bundles: int, timeout_s: float) -> PlacementGroup:
-    pg = placement_group([{"CPU": 2, "GPU": 1}] * num_bundles, strategy="PACK")
-    ray.get(pg.ready(), timeout=timeout_s)
-    return pg
 
 
 def in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+
+
+@ray.remote
+def _probe() -> tuple[str, str, list[str]]:
+    """Run inside a bundle: its node's address and id, and the GPU ids Ray gives that bundle."""
+    context = ray.get_runtime_context()
+    return ray.util.get_node_ip_address(), context.get_node_id(), list(context.get_accelerator_ids().get("GPU", []))
+
+
+@ray.remote
+def _rendezvous() -> tuple[str, int]:
+    return node_address()
+
+
+@dataclass(frozen=True)
+class Slot:
+    bundle: int  # the placement group's bundle index
+    node_ip: str
+    node_id: str
+    gpu_ids: tuple[str, ...]  # what Ray assigns to the bundle (CUDA_VISIBLE_DEVICES inside it)
+
+
+@dataclass
+class Placement:
+    """The bundles of one job, in slot order (by node), and the slots each rollout engine spans."""
+    pg: PlacementGroup
+    slots: list[Slot]
+    engine_tp: int
+    num_engines: int
+
+    def strategy(self, slot: int) -> PlacementGroupSchedulingStrategy:
+        return in_bundle(self.pg, self.slots[slot].bundle)
+
+    def engine_slots(self, engine: int) -> list[Slot]:
+        return self.slots[engine * self.engine_tp:(engine + 1) * self.engine_tp]
+
+    def engine_gpu_ids(self, engine: int) -> list[str]:
+        """The GPUs engine `engine`'s worker processes see: its bundles' GPUs, in slot order."""
+        return [g for s in self.engine_slots(engine) for g in s.gpu_ids]
+
+    def rendezvous(self, slot: int = 0, timeout_s: float = 60.0) -> tuple[str, int]:
+        """The node address of `slot` and a port picked on that node (not the driver's)."""
+        return ray.get(_rendezvous.options(num_cpus=0, scheduling_strategy=self.strategy(slot)).remote(),
+                       timeout=timeout_s)
+
+    def table(self, world: int) -> str:
+        """One line per slot: node, bundle, GPU ids, trainer rank, rollout engine (and its TP rank)."""
+        rows = [("slot", "node", "bundle", "GPU ids", "trainer rank", "rollout engine")]
+        for i, s in enumerate(self.slots):
+            engine, tp_rank = divmod(i, self.engine_tp)
+            rollout = (f"{engine}" + (f" (TP rank {tp_rank})" if self.engine_tp > 1 else "")
+                       if engine < self.num_engines else "-")
+            rows.append((str(i), f"{s.node_ip} {s.node_id[:8]}", str(s.bundle), ",".join(s.gpu_ids) or "-",
+                         str(i) if i < world else "-", rollout))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def place(num_bundles: int, strategy: str, engine_tp: int, num_engines: int, timeout_s: float) -> Placement:
+    """Reserve `num_bundles` GPU bundles (`strategy`: pack or spread over the nodes) and order them by
+    node. Raises if a rollout engine's slots would straddle two nodes."""
+    pg = placement_group([{"CPU": CPUS_PER_BUNDLE, "GPU": 1}] * num_bundles, strategy=STRATEGIES[strategy])
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except Exception:
+        ray.util.remove_placement_group(pg)
+        raise RuntimeError(f"the cluster cannot hold {num_bundles} bundles of {{GPU: 1, CPU: {CPUS_PER_BUNDLE}}} "
+                           f"({strategy}) within {timeout_s:g} s; it has {ray.cluster_resources()}") from None
+    node_of = placement_group_table(pg)["bundles_to_node_id"]
+    probes = ray.get([_probe.options(num_cpus=0, num_gpus=0.01, scheduling_strategy=in_bundle(pg, b)).remote()
+                      for b in range(num_bundles)], timeout=timeout_s)
+    order = list(dict.fromkeys(node_of[b] for b in range(num_bundles)))  # nodes in first-seen order
+    slots = sorted((Slot(b, ip, node_id, tuple(gpus)) for b, (ip, node_id, gpus) in enumerate(probes)),
+                   key=lambda s: (order.index(s.node_id), s.bundle))
+    placement = Placement(pg, slots, engine_tp, num_engines)
+    for j in range(num_engines):
+        nodes = {s.node_id for s in placement.engine_slots(j)}
+        if len(nodes) > 1:
+            ray.util.remove_placement_group(pg)
+            raise RuntimeError(f"rollout engine {j} (TP {engine_tp}) would span {len(nodes)} nodes; a node must "
+                               f"hold whole engines (set cluster.placement=pack or give each node a multiple of "
+                               f"{engine_tp} GPUs)\n{placement.table(0)}")
+    return placement

@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import ray
-
 from rewards.runner import RewardRunner, part_means
 from rl.algo.advantages import group_advantages, uniform_groups
 from rl.algo.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
@@ -85,7 +83,7 @@ class Collector:
         if self.agentic is not None:
             return self.agentic.run(samples, partial)
         caps = caps or [s.max_new_tokens - len(s.response_ids) for s in samples]
-        return ray.get(self.engine.generate.remote(samples, caps), timeout=self.config.trainer.timeout_s)
+        return self.engine.generate(samples, caps)
 
     def score(self, samples: list[Sample]) -> dict[str, float]:
         """Each task type's rewards (rewards/runner.py); shaping starts from the task reward."""

@@ -32,6 +32,7 @@ from rl.demo.tiny_model import TOKENIZERS
 from rl.trainer.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.trainer.config import TrainerConfig
 from rl.trainer.parallel_layout import LayoutError, model_shape
+from rl.trainer.setup import resolve_device
 from rollout.agents.environments import BUILTIN as ENVIRONMENTS
 from rollout.agents.environments import environment_class
 from rollout.config import AgentConfig, RolloutConfig
@@ -64,6 +65,11 @@ class ClusterConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # logical CPUs of the local cluster (default: what the bundles need)
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    # pack: fill a node's GPUs before the next node's; spread: bundles over as many nodes as possible
+    placement: str = field(default="pack", metadata={"choices": ("pack", "spread")})
+    # GPUs per node of the cluster the job runs on, checked before start (whole engines on a node);
+    # None: not checked before start (the placement is still checked once Ray has placed the bundles)
+    gpus_per_node: Optional[int] = field(default=None, metadata={"ge": 1})
 
 
 @dataclass
@@ -203,6 +209,9 @@ def validate(c: Config) -> None:
     if p.path is not None:
         _require(os.path.isfile(p.path), "ptx.path", "file does not exist", p.path)
         _readable_records(p.path, PTX_FIELDS, "ptx.path")
+    _require(not r.deterministic_sampling or resolve_device(c.cluster.device) != "cpu", "rollout.deterministic_sampling",
+             "needs CUDA: SGLang's deterministic inference runs batch-invariant kernels that have no CPU build",
+             r.deterministic_sampling)
     _validate_data(c)
     _validate_rewards(c)
     _validate_agent(c)
@@ -217,7 +226,8 @@ def validate(c: Config) -> None:
 
 
 def _validate_layouts(c: Config) -> None:
-    """The trainer's and the rollout engine's parallel layouts against the model's shape."""
+    """The trainer's and the rollout engines' parallel layouts against the model's shape, and the engines against
+    the GPU bundles and nodes."""
     shape = _model_shape(c)
     heads, kv_heads = shape["num_heads"], shape["num_kv_heads"]
     _require(heads % kv_heads == 0, "model.num_key_value_heads", "must divide the number of attention heads", kv_heads)
@@ -229,6 +239,20 @@ def _validate_layouts(c: Config) -> None:
     _require(heads % tp == 0, "rollout.tensor_parallel_size", f"must divide the number of attention heads ({heads})", tp)
     _require(kv_heads % tp == 0, "rollout.tensor_parallel_size",
              f"must divide the number of key/value heads ({kv_heads})", tp)
+    world = c.trainer.layout().world_size
+    _require(tp <= world, "rollout.tensor_parallel_size",
+             f"an engine spans that many of the trainer's {world} GPU bundles: must be <= trainer world size", tp)
+    engines = c.rollout.num_engines or world // tp
+    _require(engines * tp <= world, "rollout.num_engines",
+             f"engines x rollout.tensor_parallel_size ({engines} x {tp}) must fit the {world} GPU bundles of the "
+             "trainer's world", c.rollout.num_engines)
+    per_node = c.cluster.gpus_per_node
+    _require(per_node is None or per_node % tp == 0, "cluster.gpus_per_node",
+             f"a node must hold whole rollout engines: must be a multiple of rollout.tensor_parallel_size ({tp})",
+             per_node)
+    _require(c.sync.transport != "colocated" or per_node is None or world <= per_node, "sync.transport",
+             "colocated hands weights over through memory shared on one node; the trainer spans several nodes",
+             c.sync.transport)
 
 
 def _readable_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:

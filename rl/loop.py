@@ -5,7 +5,8 @@
     sync                               (checkpoint_engine/: the new weights into the rollout engines)
     evaluate, log, checkpoint          (rl/metrics.py, rl/state.py)
 
-The engines live in Ray actors colocated in placement-group bundles (rl/actors.py);
+The engines live in Ray actors colocated in placement-group bundles (rl/actors.py), the rollout
+engines behind a manager that spreads requests over them (rollout/manager.py);
 docs/training-signal.md follows one step in detail.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from rl.metrics import MetricsLogger, marked_timer, step_metrics
 from rl.sample import Sample
 from rollout.agents.agent_rollout import AgentRollout
 from rollout.agents.trace import for_training
-from rollout.openai_gateway import OpenAIGateway, ray_complete
+from rollout.openai_gateway import OpenAIGateway
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class RLLoop:
         # rewards and of the critic check, and reachable by users' reward code (rewards.builtin.self_critique).
         template = (lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                     ) if getattr(tokenizer, "chat_template", None) else None
-        self.gateway = OpenAIGateway(ray_complete(engines.rollout), chat_template=template,
+        self.gateway = OpenAIGateway(engines.rollout.complete, chat_template=template,
                                      timeout_s=config.trainer.timeout_s)
         use_policy(self.gateway.url)
         # multi-turn tool episodes instead of single responses (rollout/agents/agent_rollout.py)
@@ -82,11 +83,10 @@ class RLLoop:
         return self.collector.evaluate()
 
     # --- phases ----------------------------------------------------------------------------------------
-    def reseed_engines(self) -> None:
-        """The sampler's seed is a function of the step: rollouts do not depend on what came before."""
-        engines = [e for e in (self.engines.rollout, self.engines.subagents) if e is not None]
-        ray.get([e.reseed.remote(self.config.seed * 1_000_003 + self.step_index) for e in engines],
-                timeout=self.config.trainer.timeout_s)
+    def begin_step(self) -> None:
+        """Samplers and per-request seeds follow the step: rollouts do not depend on what came before."""
+        for manager in self.engines.managers:
+            manager.begin_step(self.step_index)
 
     def check_critic(self, samples: list[Sample]) -> dict[str, float]:
         """Every `critic.every` steps: the judge's agreement with the verifiers on this step's
@@ -119,7 +119,7 @@ class RLLoop:
     def train(self, samples: list[Sample]) -> tuple[dict[str, float], float]:
         """pi_old, then `updates_per_step` optimizer steps (with PTX demonstrations when on)."""
         c = self.config
-        ray.get(self.engines.rollout.release_memory.remote(), timeout=c.trainer.timeout_s)
+        self.engines.rollout.call_all("release_memory")
         batch = for_training(samples)  # tokens, masks, rewards: no agent traces, no sub-agent trajectories
         mismatch = self.old_logprobs(samples, batch)
         if c.algorithm.reset_optimizer_each_step:
@@ -131,14 +131,14 @@ class RLLoop:
 
     def sync(self) -> dict[str, float]:
         """The new weights, one version up, into the rollout engines."""
-        ray.get(self.engines.rollout.resume_memory.remote(), timeout=self.config.trainer.timeout_s)
+        self.engines.rollout.call_all("resume_memory")
         self.weight_version += 1
         return self.engines.sync.push(self.weight_version)
 
     def step(self) -> dict[str, float]:
         c, timing = self.config, {}
         with marked_timer("step", timing):
-            self.reseed_engines()
+            self.begin_step()
             with marked_timer("generate", timing):  # generation rounds, with scoring and shaping inside
                 samples, sampling = self.collector.collect(self.weight_version)
                 critic = self.check_critic(samples)
@@ -156,6 +156,7 @@ class RLLoop:
             **{f"temperature/{name}": collector.temperature(name) for name, f in c.data.families.items()
                if f.temperature is not None},
             **sampling,
+            **self.engines.rollout.take_metrics(),  # per engine since the last step's log (its evaluation too)
             **critic,
             **(collector.agentic.metrics(samples, collector.parl_lambdas()) if collector.agentic else {}),
             # every round's generation, without its scoring

@@ -32,6 +32,14 @@ class RolloutConfig:
     mask_old_segments: bool = False  # train only on the tokens the current weights sampled
     max_total_tokens: int = 8192  # SGLang KV-cache cap; its default pre-allocates GBs on CPU
     tensor_parallel_size: int = field(default=1, metadata={"ge": 1})
+    # rollout engines, each over tensor_parallel_size GPU bundles of one node; None: every bundle
+    # serves rollout (trainer world size / tensor_parallel_size engines)
+    num_engines: Optional[int] = field(default=None, metadata={"ge": 1})
+    # SGLang's deterministic inference (CUDA): each request is sampled with its own seed from (run seed,
+    # step, group, sample), so samples do not depend on which engine served them or in what batch.
+    # Costs speed (batch-invariant kernels) and needs CUDA; off, each engine is reseeded every step and
+    # a step's split over the engines is a function of its requests, so a run still repeats exactly.
+    deterministic_sampling: bool = False
     # share of the (colocated) GPU SGLang may take; unused on CPU
     mem_fraction_static: float = field(default=0.3, metadata={"gt": 0, "lt": 1})
     # Free SGLang's weights and KV cache while the colocated trainer works (CUDA only: needs SGLang's

@@ -3,7 +3,8 @@ model server is (`/v1/completions`, `/v1/chat/completions`, `/v1/models`).
 
 The rollout engine is SGLang's in-process `Engine` inside a Ray actor, with no HTTP server of its own.
 Judges (the self-critique reward, the critic check) and users' reward code talk to this gateway, which
-runs in the driver on a thread of its own and turns requests into `RolloutEngine.complete` calls:
+runs in the driver on a thread of its own and turns requests into `complete` calls through the rollout
+manager (rollout/manager.py), which sends each to the least-loaded engine:
 requests that arrive together (a group's pairwise judgments) with the same settings become one batched
 generation. Besides the OpenAI fields it accepts SGLang's `regex` (constrained decoding), passed by
 OpenAI clients through `extra_body`.
@@ -22,11 +23,6 @@ from rollout.batching import Batcher
 
 # (texts, max_new_tokens, temperature, regex) -> a future of the completions, in order
 Complete = Callable[[list[str], int, float, Optional[str]], concurrent.futures.Future]
-
-
-def ray_complete(rollout_engine) -> Complete:
-    return lambda texts, max_tokens, temperature, regex: rollout_engine.complete.remote(
-        texts, max_tokens, temperature, regex).future()
 
 
 class OpenAIGateway:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from checkpoint_engine.endpoint import Endpoint, engine_delivery
+from checkpoint_engine.group import node_address
 from checkpoint_engine.transports import transport
 from rl.algo.objectives import ObjectiveSettings
 from rl.sample import Sample
@@ -195,6 +196,11 @@ class TrainingEngine:
         return norm
 
     # --- weight sync: this rank as a checkpoint-engine source --------------------------------------
+    def rendezvous_point(self) -> tuple[str, int]:
+        """This rank's node address and a port free on that node: where the sync group meets when this
+        is rank 0 (its TCP store), reachable from every node."""
+        return node_address()
+
     def weight_sync_provided(self, placed: bool) -> list:
         """The HF tensors (TensorMeta) this rank contributes to a push; see rl/trainer/weight_export.py."""
         if self._export is None:

@@ -141,7 +141,9 @@ class AgentRunner:
         if lim.max_context is not None:
             room = min(room, lim.max_context - 1 - len(sample.tokens))
         request: dict[str, Any] = {"input_ids": sample.tokens, "temperature": sample.temperature,
-                                   "max_new_tokens": max(1, min(lim.max_turn_tokens, room))}
+                                   "max_new_tokens": max(1, min(lim.max_turn_tokens, room)),
+                                   # the episode's prompt: its turns (and its group's) stay on one engine
+                                   "affinity": hash(tuple(sample.prompt_ids))}
         if self.fmt.constrain_format:
             request["regex"] = turn_regex(tools, lim.max_calls_per_turn, self.fmt.answer_chars)
         out = await self.generate(request)

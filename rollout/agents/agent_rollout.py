@@ -11,8 +11,6 @@ import asyncio
 import statistics
 from typing import Optional
 
-import ray
-
 from rewards.builtin.agentic import apply_parl, r_finish, r_parallel
 from rl.sample import Sample
 from rollout.agents.agent_loop import AgentLimits, AgentRunner, IterationBudget
@@ -21,15 +19,16 @@ from rollout.agents.swarm import Swarm
 from rollout.batching import Batcher
 
 
-def engine_turns(engine, timeout_s: float) -> Batcher:
-    """Turns of concurrent episodes batched into `RolloutEngine.generate_turns` calls on a Ray actor."""
-    return Batcher(lambda _key, requests: engine.generate_turns.remote(requests).future(), timeout_s)
+def engine_turns(manager, timeout_s: float) -> Batcher:
+    """Turns of concurrent episodes batched into `generate_turns` calls through a RolloutManager."""
+    return Batcher(lambda _key, requests: manager.generate_turns(requests), timeout_s)
 
 
 class AgentRollout:
     def __init__(self, agent, task, tokenizer, policy_engine, subagent_engine, timeout_s: float):
         """`agent`: rollout.config.AgentConfig (a TurnFormat, with a SwarmConfig, a SwarmSettings); `task`:
-        the run's task settings; `subagent_engine` None without a swarm."""
+        the run's task settings; the engines are RolloutManagers (rollout/manager.py), `subagent_engine`
+        None without a swarm."""
         self.config, self.tokenizer = agent, tokenizer
         self.env_cls = environment_class(agent.environment)
         self.env_options = {**(task.options if task.name == agent.environment else {}), **agent.environment_options}
@@ -40,14 +39,14 @@ class AgentRollout:
         limits = AgentLimits(max_turns=agent.max_turns, max_tokens=agent.max_tokens,
                              max_turn_tokens=agent.max_turn_tokens, **shared,
                              max_critical_steps=w.max_critical_steps if w.enabled else None,
-                             max_context=ray.get(policy_engine.context_length.remote(), timeout=timeout_s))
+                             max_context=policy_engine.context_length())
         self.swarm: Optional[Swarm] = None
         tools_for = None
         if w.enabled:
             self.subagent_turns = engine_turns(subagent_engine, timeout_s)
             sub_limits = AgentLimits(max_turns=w.subagent_max_turns, max_tokens=w.subagent_max_tokens,
                                      max_turn_tokens=w.subagent_max_turn_tokens, **shared,
-                                     max_context=ray.get(subagent_engine.context_length.remote(), timeout=timeout_s))
+                                     max_context=subagent_engine.context_length())
             subagents = AgentRunner(self.subagent_turns.submit, tokenizer, sub_limits, agent, score=False)
             self.swarm = Swarm(subagents, w)
             tools_for = self.swarm.tools

@@ -27,12 +27,17 @@ def _export_repo_to_workers() -> None:
 
 class RolloutEngine:
     def __init__(self, model_path: str, config: Optional[RolloutConfig] = None, device: str = "auto", seed: int = 0,
-                 dtype: str = "float32"):
-        """An SGLang engine of `config`'s tensor-parallel size, KV-cache cap and memory settings."""
+                 dtype: str = "float32", gpu_ids: Optional[list[str]] = None):
+        """An SGLang engine of `config`'s tensor-parallel size, KV-cache cap and memory settings. `gpu_ids`:
+        the GPUs of the engine's placement-group bundles; its worker processes see exactly these (Ray
+        gives the actor only the GPU of the bundle it sits in)."""
         config = config or RolloutConfig()
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)  # inherited by SGLang's workers
         tensor_parallel_size, release_memory_during_train = config.tensor_parallel_size, config.release_memory_during_train
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict = {}
+        self.seeded_requests = config.deterministic_sampling  # rl/config.py allows it on CUDA only
         loaders = list(sglang_loader.LOADERS)
         if self.device == "cpu":
             from rollout.sglang import cpu as sglang_cpu
@@ -41,7 +46,8 @@ class RolloutEngine:
             kwargs.update(sglang_cpu.engine_kwargs(tensor_parallel_size))
             loaders += sglang_cpu.LOADERS
         else:
-            kwargs.update(mem_fraction_static=config.mem_fraction_static, enable_memory_saver=release_memory_during_train)
+            kwargs.update(mem_fraction_static=config.mem_fraction_static, enable_memory_saver=release_memory_during_train,
+                          enable_deterministic_inference=config.deterministic_sampling, base_gpu_id=0)
         _export_repo_to_workers()
         import sglang
 
@@ -54,17 +60,20 @@ class RolloutEngine:
         self.weight_version = 0
         self.can_release_memory = self.device != "cpu" and release_memory_during_train
 
-    def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]]) -> list[Sample]:
+    def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]],
+                 seeds: Optional[list[int]] = None) -> list[Sample]:
         """Generate each sample's response at its own temperature, or continue it from the tokens it
         already has (a partial rollout resumed under newer weights): appends response ids, rollout
         logprobs and, per new token, the weight version; sets text, finish reason and the latest
-        weight version. `max_new_tokens`: one cap for all, or one per sample."""
+        weight version. `max_new_tokens`: one cap for all, or one per sample. `seeds`: one sampling
+        seed per sample, used with `rollout.deterministic_sampling`."""
         caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(samples)
-        outputs = self.engine.generate(
-            input_ids=[s.tokens for s in samples],
-            sampling_params=[{"temperature": s.temperature, "max_new_tokens": cap} for s, cap in zip(samples, caps)],
-            return_logprob=True,
-        )
+        params = [{"temperature": s.temperature, "max_new_tokens": cap} for s, cap in zip(samples, caps)]
+        if seeds is not None and self.seeded_requests:
+            for p, seed in zip(params, seeds):
+                p["sampling_seed"] = seed
+        outputs = self.engine.generate(input_ids=[s.tokens for s in samples], sampling_params=params,
+                                       return_logprob=True)
         for s, out in zip(samples, outputs):
             new = list(out["output_ids"])
             s.response_ids = s.response_ids + new
@@ -138,6 +147,10 @@ class RolloutEngine:
         """Names of the engine's parameters that differ from what `named_tensors` load to (empty: equal)."""
         reports = sglang_loader.run_reporting(self.engine, list(named_tensors.items()), sglang_loader.VERIFY_WEIGHTS)
         return sorted({name for report in reports for name in report})
+
+    def worker_visible_devices(self) -> list[Optional[str]]:
+        """CUDA_VISIBLE_DEVICES in each of the engine's worker (scheduler) processes."""
+        return sglang_loader.run_reporting(self.engine, [], sglang_loader.VISIBLE_DEVICES)
 
     def release_memory(self) -> None:
         """Free weights and KV cache while the colocated trainer works (no-op on CPU)."""

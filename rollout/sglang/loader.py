@@ -28,8 +28,9 @@ REPORT_KEY = "tandem.verify_report"
 LOAD_BUCKET = "rollout.sglang.loader.load_bucket"
 VERIFY_WEIGHTS = "rollout.sglang.loader.verify_weights"
 RESEED = "rollout.sglang.loader.reseed"
+VISIBLE_DEVICES = "rollout.sglang.loader.visible_devices"
 SEED_KEY = "tandem.seed"
-LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS, RESEED]
+LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS, RESEED, VISIBLE_DEVICES]
 
 
 def encode_bucket(shards: list[tuple[bytes, list[tuple]]]) -> torch.Tensor:
@@ -146,3 +147,9 @@ def reseed(model, named_tensors) -> None:
     weights and the requests, so a resumed run samples what the uninterrupted one did."""
     seed = int(dict(named_tensors)[SEED_KEY].item())
     torch.manual_seed(seed)
+
+
+def visible_devices(model, named_tensors) -> None:
+    """Report the GPUs this worker process sees (CUDA_VISIBLE_DEVICES): an engine's workers must see
+    exactly its bundles' GPUs."""
+    write_report(dict(named_tensors), os.environ.get("CUDA_VISIBLE_DEVICES"))

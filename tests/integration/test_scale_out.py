@@ -1,0 +1,166 @@
+"""Scale-out with the real engines on a simulated two-node Ray cluster (`ray.cluster_utils.Cluster`: a
+raylet per node, each with its own CPUs and logical GPUs): trainer ranks across nodes, a rollout engine
+over each group of bundles, requests spread over the engines, weights pushed to every engine."""
+import os
+import sys
+
+import pytest
+
+NODES, GPUS_PER_NODE, CPUS_PER_NODE = 2, 2, 4
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probes below run inside actors
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE})
+    for _ in range(NODES - 1):
+        cluster.add_node(num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE)
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _in_actor(actor, fn):
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda _self: fn()), timeout=60)
+
+
+def _node_id():
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _gpu_ids():
+    import ray
+
+    return list(ray.get_runtime_context().get_accelerator_ids()["GPU"])
+
+
+def _node_ip():
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def check_placement(actors, world: int, tp: int) -> int:
+    """Each engine sits on its trainer ranks' node and bundles, and its worker processes see exactly
+    those bundles' GPUs; the trainers and the sync group meet at rank 0's node address. Returns the
+    number of nodes the trainer ranks span."""
+    import ray
+
+    trainer_nodes = [_in_actor(t, _node_id) for t in actors.trainers]
+    trainer_gpus = [_in_actor(t, _gpu_ids) for t in actors.trainers]
+    assert all(len(g) == 1 for g in trainer_gpus)  # one GPU bundle per trainer rank
+    for j, engine in enumerate(actors.rollout.engines):
+        ranks = range(j * tp, (j + 1) * tp)  # the trainer ranks in this engine's bundles
+        assert {trainer_nodes[i] for i in ranks} == {_in_actor(engine, _node_id)}
+        assert _in_actor(engine, _gpu_ids) == trainer_gpus[ranks[0]]  # the actor itself: its first bundle
+        expected = ",".join(trainer_gpus[i][0] for i in ranks)
+        workers = ray.get(engine.worker_visible_devices.remote(), timeout=120)
+        assert len(workers) == tp and set(workers) == {expected}, (workers, expected)
+    rank0 = _in_actor(actors.trainers[0], _node_ip)
+    assert rank0 != "127.0.0.1"  # the simulated nodes share a host: loopback would also have worked
+    assert actors.trainer_rendezvous[0] == rank0 and actors.sync.rendezvous[0] == rank0
+    assert len(actors.placement.slots) >= world
+    return len(set(trainer_nodes))
+
+
+def run_steps(ray_cluster, demo_model, run_dir, steps=2, **overrides):
+    """`steps` RL steps; after each push every engine's weights are compared with the trainer's.
+    Returns the metrics, each step's samples (group, response ids) and the nodes the trainers span."""
+    from transformers import AutoTokenizer
+
+    from rl.actors import Actors
+    from rl.config import load_config
+    from rl.loop import RLLoop
+
+    config = load_config({
+        "steps": steps, "model": {"path": demo_model},
+        "rollout": {"prompts_per_step": 8, "samples_per_prompt": 4, **overrides.pop("rollout", {})},
+        "eval": {"every": 0}, "logging": {"wandb_mode": "disabled", "run_dir": str(run_dir)},
+        "cluster": {"address": ray_cluster.address, "gpus_per_node": GPUS_PER_NODE, **overrides.pop("cluster", {})},
+        "sync": {"verify_full": True, "bucket_mb": 0.05, **overrides.pop("sync", {})},
+        **overrides,
+    })
+    actors = Actors.start(config, demo_model)
+    loop = None
+    try:
+        nodes = check_placement(actors, config.trainer.layout().world_size, config.rollout.tensor_parallel_size)
+        loop = RLLoop(config, actors, AutoTokenizer.from_pretrained(demo_model))
+        metrics, samples = [], []
+        for _ in range(steps):
+            metrics.append(loop.step())  # verify_full: the push raises if any engine differs
+            samples.append([(s.group_id, s.response_ids) for s in loop.last_samples])
+        return metrics, samples, nodes
+    finally:
+        if loop is not None:
+            loop.gateway.close()
+        actors.shutdown()
+
+
+def served_by_every_engine(metrics, engines: int) -> None:
+    for m in metrics:
+        assert m["weight_version"] >= 1 and m["logprob_mismatch_max"] <= 1e-3, m
+        assert all(m[f"rollout_engine{j}_tokens"] > 0 for j in range(engines)), m
+        assert f"rollout_engine{engines}_tokens" not in m
+
+
+@pytest.mark.integration
+def test_data_parallel_trainer_across_two_nodes_with_an_engine_on_each(two_nodes, demo_model, tmp_path):
+    """DP=2 spread over both nodes, one engine per node; the same seed repeats every sample."""
+    settings = dict(trainer={"world_size": 2}, cluster={"placement": "spread"})
+    metrics, samples, nodes = run_steps(two_nodes, demo_model, tmp_path / "a", **settings)
+    assert nodes == 2
+    served_by_every_engine(metrics, 2)
+    _, again, _ = run_steps(two_nodes, demo_model, tmp_path / "b", **settings)
+    assert again == samples
+
+
+@pytest.mark.integration
+def test_tensor_parallel_trainer_with_two_engines(two_nodes, demo_model, tmp_path):
+    """Trainer TP=2 and two TP=1 engines over its two bundles; reduce_scatter delivers to both."""
+    metrics, _, nodes = run_steps(two_nodes, demo_model, tmp_path, trainer={"tensor_parallel_size": 2},
+                                  sync={"transport": "reduce_scatter"})
+    assert nodes == 1  # pack: a TP group on one node
+    served_by_every_engine(metrics, 2)
+
+
+@pytest.mark.integration
+def test_tensor_parallel_trainer_with_one_tensor_parallel_engine(two_nodes, demo_model, tmp_path):
+    """Trainer TP=2 and one TP=2 engine whose two workers see the two bundles' GPUs; with reduce_scatter
+    each worker's receiver gets only its shard (about half the payload); the same seed repeats every
+    sample."""
+    settings = dict(trainer={"tensor_parallel_size": 2}, rollout={"tensor_parallel_size": 2},
+                    sync={"transport": "reduce_scatter"})
+    metrics, samples, _ = run_steps(two_nodes, demo_model, tmp_path / "a", **settings)
+    served_by_every_engine(metrics, 1)
+    for m in metrics:  # about half the payload per receiver (norms travel whole to both ranks)
+        assert m["sync_receiver_bytes"] < 0.6 * m["sync_bytes"], m
+    _, again, _ = run_steps(two_nodes, demo_model, tmp_path / "b", **settings)
+    assert again == samples
+
+
+@pytest.mark.integration
+def test_placement_orders_bundles_by_node_and_refuses_an_engine_across_nodes(two_nodes):
+    import ray
+
+    from rl.cluster import place
+
+    placement = place(4, "spread", engine_tp=2, num_engines=2, timeout_s=60)
+    try:
+        nodes = [s.node_id for s in placement.slots]
+        assert nodes[0] == nodes[1] != nodes[2] == nodes[3]  # slots by node: each engine's two on one node
+        assert {s.gpu_ids for s in placement.slots} == {("0",), ("1",)}
+        table = placement.table(world=4)
+        assert "trainer rank" in table and "0 (TP rank 1)" in table and placement.slots[0].node_ip in table
+    finally:
+        ray.util.remove_placement_group(placement.pg)
+    with pytest.raises(RuntimeError, match="would span 2 nodes"):
+        place(2, "spread", engine_tp=2, num_engines=1, timeout_s=60)
