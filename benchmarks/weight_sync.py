@@ -7,7 +7,12 @@ the source holds a set of 2-D tensors totalling that many MiB, mixed fp32 and bf
 runs `TransferMember.push` for each transport:
 - broadcast: `plan_full`, every receiver gets every tensor whole;
 - reduce_scatter: `plan_sliced`, receiver r gets the r-th row slice of every tensor, so each
-  receiver gets about 1/(world - 1) of the payload.
+  receiver gets about 1/(world - 1) of the payload; every member feeds the full, zero-padded buffer
+  into a ring reduce-scatter;
+- shard: `plan_owned_sliced`, the same slices, sent point-to-point by the source to each receiver.
+Per transport it also reports the bytes each member put on the wire (the transport's count: the
+broadcast's root sends each bucket once, a ring reduce-scatter member (W-1)/W of the padded buffer,
+the shard source every receiver's chunk) and the bytes each receiver took in, against payload / R.
 Receivers deliver by copying each received tensor into their own preallocated copy of the weights
 (`--deliver none` skips that), and after the warm-up push they check that copy against the source's
 tensors. Each configuration is timed with `verify=False` and again with `verify=True` (checksums
@@ -43,7 +48,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_engine.buckets import Region, TensorMeta, plan_full, plan_sliced  # noqa: E402
+from checkpoint_engine.buckets import Region, TensorMeta, plan_full, plan_owned_sliced, plan_sliced  # noqa: E402
 from checkpoint_engine.group import SyncGroup  # noqa: E402
 from checkpoint_engine.transfer import TransferMember  # noqa: E402
 
@@ -51,7 +56,7 @@ MiB = 1 << 20
 COLS = 1024  # every tensor is (rows, COLS): fp32 rows are 4 KiB, bf16 rows 2 KiB
 NUM_SOURCES = 1
 STAGES = ("gather", "pack", "transfer", "load")
-TRANSPORTS = ("broadcast", "reduce_scatter")  # the ones through a group ("colocated" has none)
+TRANSPORTS = ("broadcast", "reduce_scatter", "shard")  # the ones through a group ("colocated" has none)
 
 
 def tensor_specs(payload: int, bucket_bytes: int) -> list[tuple[str, str, int]]:
@@ -130,7 +135,8 @@ def _worker(rank, world, port, sizes, bucket_bytes, repeats, deliver_mode, out_d
                 regions = {m.name: None for m in metas}
             else:
                 split = row_regions(num_receivers)
-                plan = plan_sliced(metas, split, num_receivers, bucket_bytes)
+                plan = (plan_sliced(metas, split, num_receivers, bucket_bytes) if mode == "reduce_scatter"
+                        else plan_owned_sliced({0: metas}, split, num_receivers, bucket_bytes))
                 regions = {m.name: split(m)[receiver] if receiver is not None else None for m in metas}
             # a receiver's engine weights (its slice of each tensor), written by `deliver`
             dest = {}
@@ -180,7 +186,7 @@ def aggregate(per_rank: list[list[dict]], repeats: int) -> list[dict]:
         payload = entries[0]["payload_bytes"]
         raw = statistics.median(max(e["raw"][i] for e in entries) for i in range(repeats))
         raw_rs = statistics.median(max(e["raw_reduce_scatter"][i] for e in entries) for i in range(repeats))
-        own_raw = {"broadcast": raw, "reduce_scatter": raw_rs}
+        own_raw = {"broadcast": raw, "reduce_scatter": raw_rs, "shard": raw}  # shard: against the broadcast
         out = {"payload_mib": payload / MiB, "payload_bytes": payload, "tensors": entries[0]["tensors"],
                "raw_broadcast": {"seconds": raw, "gbps": payload / raw / 1e9,
                                  "repeats": [max(e["raw"][i] for e in entries) for i in range(repeats)]},
@@ -198,7 +204,8 @@ def aggregate(per_rank: list[list[dict]], repeats: int) -> list[dict]:
                 t[run] = {"seconds": seconds, "gbps": payload / seconds / 1e9, "vs_raw": raw / seconds,
                           "vs_own_collective": own_raw[mode] / seconds,
                           "repeats": slowest, "stage_seconds": stages,
-                          "bytes_received_per_receiver": [p[0]["bytes_received"] for p in pushes[NUM_SOURCES:]]}
+                          "bytes_received_per_receiver": [p[0]["bytes_received"] for p in pushes[NUM_SOURCES:]],
+                          "bytes_sent_per_member": [p[0].get("bytes_sent", 0) for p in pushes]}
             out["transports"][mode] = t
         rows.append(out)
     return rows
@@ -206,20 +213,24 @@ def aggregate(per_rank: list[list[dict]], repeats: int) -> list[dict]:
 
 def print_table(rows: list[dict], title: str) -> None:
     header = ["MiB", "transport", "buckets", "s", "GB/s", "vs raw bcast", "vs raw own", "s (checksums)",
-              "pack s", "transfer s", "load s"]
+              "pack s", "transfer s", "load s", "sent MiB (max)", "recv MiB", "recv / (payload/R)"]
     lines = []
     for row in rows:
         raw, raw_rs = row["raw_broadcast"], row["raw_reduce_scatter"]
         lines.append([f"{row['payload_mib']:g}", "raw broadcast", "1", f"{raw['seconds']:.4f}", f"{raw['gbps']:.2f}",
-                      "1.00", "1.00", "", "", "", ""])
+                      "1.00", "1.00", "", "", "", "", "", "", ""])
         lines.append(["", "raw reduce_scatter", "1", f"{raw_rs['seconds']:.4f}", f"{raw_rs['gbps']:.2f}",
-                      f"{raw['seconds'] / raw_rs['seconds']:.2f}", "1.00", "", "", "", ""])
+                      f"{raw['seconds'] / raw_rs['seconds']:.2f}", "1.00", "", "", "", "", "", "", ""])
         for mode, t in row["transports"].items():
             plain, checked = t["plain"], t["verify"]
+            receivers = len(plain["bytes_received_per_receiver"])
+            recv = max(plain["bytes_received_per_receiver"])
             st = plain["stage_seconds"]
             lines.append(["", mode, str(t["buckets"]), f"{plain['seconds']:.4f}", f"{plain['gbps']:.2f}",
                           f"{plain['vs_raw']:.2f}", f"{plain['vs_own_collective']:.2f}", f"{checked['seconds']:.4f}",
-                          f"{st['pack']:.4f}", f"{st['transfer']:.4f}", f"{st['load']:.4f}"])
+                          f"{st['pack']:.4f}", f"{st['transfer']:.4f}", f"{st['load']:.4f}",
+                          f"{max(plain['bytes_sent_per_member']) / MiB:.1f}", f"{recv / MiB:.1f}",
+                          f"{recv / (row['payload_bytes'] / receivers):.3f}"])
     try:
         from rich.console import Console
         from rich.table import Table

@@ -4,7 +4,8 @@ A push moves tensors as flat `uint8` buckets with a manifest of `TensorMeta`s, s
 many tensors of mixed dtypes (and float8 passes gloo as bytes). Two plan shapes:
 - full: every receiver gets the same chunk (the whole tensors of one owner): broadcast and colocated;
 - sliced: receiver r gets only its slices (for example its tensor-parallel shard), laid out in its own
-  chunk; the sources' contributions are summed by a reduce-scatter (see `transfer.py`).
+  chunk; either the sources' contributions are summed by a reduce-scatter, or one owner sends each
+  receiver its chunk point-to-point (see `transports.py`).
 
 Every chunk ends with a trailer of one int64 checksum slot per source. A source writes the checksum of
 what it contributed into its own slot (zeros elsewhere), so after a broadcast or an integer-sum
@@ -76,11 +77,12 @@ class Bucket:
     index: int
     chunks: tuple[tuple[TensorMeta, ...], ...]
     chunk_bytes: tuple[int, ...]  # data bytes of each chunk, aligned (the trailer follows)
-    owner: Optional[int] = None  # full buckets: the source rank holding every tensor in it
+    owner: Optional[int] = None  # the source rank holding every tensor in it (None: summed from all)
 
     @property
     def sliced(self) -> bool:
-        return self.owner is None
+        """Each receiver has a chunk of its own (else one chunk, the same for all)."""
+        return self.owner is None or len(self.chunks) > 1
 
     def layout(self, receiver: int) -> tuple[TensorMeta, ...]:
         return self.chunks[0] if not self.sliced else self.chunks[receiver]
@@ -127,8 +129,9 @@ def plan_full(owned: dict[int, list[TensorMeta]], bucket_bytes: int) -> list[Buc
 
 
 def plan_sliced(tensors: list[TensorMeta], regions: Callable[[TensorMeta], list[Optional[Region]]],
-                num_receivers: int, bucket_bytes: int) -> list[Bucket]:
-    """Buckets in which receiver r gets `regions(meta)[r]` of each tensor (None: the whole tensor).
+                num_receivers: int, bucket_bytes: int, owner: Optional[int] = None, first_index: int = 0) -> list[Bucket]:
+    """Buckets in which receiver r gets `regions(meta)[r]` of each tensor (None: the whole tensor),
+    numbered from `first_index`; `owner`: the source holding them all (None: every source adds its part).
 
     A bucket is cut when its largest chunk would pass `bucket_bytes`.
     """
@@ -148,8 +151,18 @@ def plan_sliced(tensors: list[TensorMeta], regions: Callable[[TensorMeta], list[
     buckets = []
     for group in groups:
         layouts = [_layout([ps[r] for ps in group]) for r in range(num_receivers)]
-        buckets.append(Bucket(len(buckets), tuple(l for l, _ in layouts), tuple(s for _, s in layouts)))
+        buckets.append(Bucket(first_index + len(buckets), tuple(l for l, _ in layouts), tuple(s for _, s in layouts),
+                              owner))
     return buckets
+
+
+def plan_owned_sliced(owned: dict[int, list[TensorMeta]], regions: Callable[[TensorMeta], list[Optional[Region]]],
+                      num_receivers: int, bucket_bytes: int) -> list[Bucket]:
+    """Sliced buckets, each holding tensors of one owner (source rank), owners in rank order."""
+    plan: list[Bucket] = []
+    for owner in sorted(owned):
+        plan += plan_sliced(owned[owner], regions, num_receivers, bucket_bytes, owner=owner, first_index=len(plan))
+    return plan
 
 
 def pack(chunk: torch.Tensor, data_bytes: int, layout: tuple[TensorMeta, ...],

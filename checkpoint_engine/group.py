@@ -111,6 +111,14 @@ class SyncGroup:
         work = self.pg.reduce_scatter([output], [inputs], opts)
         return work if async_op else self.wait(work)
 
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0):
+        """Start sending `tensor` to member `dst`; returns the work."""
+        return self.pg.send([tensor], dst, tag)
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int = 0):
+        """Start receiving into `tensor` from member `src`; returns the work."""
+        return self.pg.recv([tensor], src, tag)
+
     def all_reduce_max(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
         opts = dist.AllreduceOptions()

@@ -6,7 +6,7 @@ asynchronously, and only then finishes bucket n-1: waits for its transfer, check
 delivers it (the rollout engine loads from the slot). So packing and moving bucket n overlap loading
 bucket n-1, and slot n % 2 is refilled only after bucket n-2 was delivered.
 
-The transport (`mode`: broadcast, reduce_scatter or colocated) is one of transports.py's classes.
+The transport (`mode`: broadcast, reduce_scatter, shard or colocated) is one of transports.py's classes.
 
 A receiver whose chunk fails its checksum does not deliver it and remembers the bucket; at the end of
 the push the members all-reduce one status word, so a mismatch anywhere fails the push on every member,
@@ -166,5 +166,7 @@ class TransferMember:
             raise self.group.failure(f"weight push v{version} ({self.mode}, member "
                                      f"{self.group.member_names[self.group.rank]})", exc) from exc
         received = sum(self.chunk(b, 0)[1] for b in self.plan if self.transport.delivers(self, b))
+        sent = sum(self.transport.sent_bytes(self, b) for b in self.plan)
         return {"seconds": time.perf_counter() - start, "buckets": len(self.plan), "bytes_received": received,
+                "bytes_sent": sent,
                 **{f"{k}_seconds": v for k, v in times.items()}}

@@ -2,8 +2,8 @@
 
 setup: every trainer rank reports the HF tensors it provides; the driver cuts them into buckets (one
 plan shared by every member), starts `WeightReceiver`s beside each rollout engine (not in colocated
-mode; with reduce_scatter one per engine TP rank, which receives only that rank's shard, else one per
-engine) and has all members join the sync group. push(version): opens each engine's
+mode; with reduce_scatter and shard one per TP rank of every engine, which receives only that rank's
+shard, else one per engine) and has all members join the sync group at trainer rank 0's node. push(version): opens each engine's
 weight-update session, runs every member's side of the push at once, closes the session with the new
 version, and optionally checks the engines' weights against the trainer's. A failed push tears the
 group down and names who failed; the next push sets it up again (a dead receiver is replaced).
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import ray
 
-from checkpoint_engine.buckets import Bucket, Region, TensorMeta, plan_full, plan_sliced
+from checkpoint_engine.buckets import Bucket, Region, TensorMeta, plan_full, plan_owned_sliced, plan_sliced
 from checkpoint_engine.config import WeightSyncConfig
 from checkpoint_engine.group import SyncError
 from checkpoint_engine.receiver import WeightReceiver
@@ -32,8 +32,10 @@ class WeightSync:
     def __init__(self, trainers: list, rollouts: list, rollout_strategies: list, config: WeightSyncConfig,
                  device: str, rollout_tp_size: int = 1,
                  tp_regions: Optional[Callable[[TensorMeta], list[Optional[Region]]]] = None):
-        """`tp_regions` (reduce_scatter only): each tensor's region per rollout TP rank
-        (`rollout.sglang.tp_shards.region_rule`); with it every engine gets `rollout_tp_size` receivers."""
+        """`rollout_strategies[j]`: Ray scheduling strategies of engine j's bundles, one per TP rank (the
+        receiver of TP rank t sits in bundle t, beside that rank's GPU). `tp_regions` (sliced transports
+        only): each tensor's region per rollout TP rank (`rollout.sglang.tp_shards.region_rule`); with it
+        every engine gets `rollout_tp_size` receivers."""
         self.trainers, self.rollouts, self.rollout_strategies = trainers, rollouts, rollout_strategies
         self.kind = transport(config.transport)  # the Transport behind the name
         self.tp_size = rollout_tp_size if self.kind.sliced and tp_regions is not None else 1
@@ -47,19 +49,22 @@ class WeightSync:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _make_plan(self) -> list[Bucket]:
-        placed = self.kind.sliced
-        provided = ray.get([t.weight_sync_provided.remote(placed) for t in self.trainers], timeout=self.timeout_s)
+        provided = ray.get([t.weight_sync_provided.remote(self.kind.placed) for t in self.trainers],
+                           timeout=self.timeout_s)
         tensors = {}
         for metas in provided:
             for m in metas:
                 tensors.setdefault(m.name, m)
         self.payload_bytes = sum(m.nbytes for m in tensors.values())
-        if placed:
-            per_engine = self.tp_regions if self.tp_size > 1 else lambda m: [None]
-            receivers = len(self.rollouts) * self.tp_size
-            return plan_sliced(list(tensors.values()), lambda m: per_engine(m) * len(self.rollouts), receivers,
-                               self.bucket_bytes)
-        return plan_full({rank: metas for rank, metas in enumerate(provided) if metas}, self.bucket_bytes)
+        owned = {rank: metas for rank, metas in enumerate(provided) if metas}
+        if not self.kind.sliced:
+            return plan_full(owned, self.bucket_bytes)
+        per_engine = self.tp_regions if self.tp_size > 1 else lambda m: [None]
+        regions = lambda m: per_engine(m) * len(self.rollouts)  # noqa: E731
+        receivers = len(self.rollouts) * self.tp_size
+        if self.kind.placed:  # every source adds its shards into every bucket
+            return plan_sliced(list(tensors.values()), regions, receivers, self.bucket_bytes)
+        return plan_owned_sliced(owned, regions, receivers, self.bucket_bytes)  # each owner sends each receiver
 
     def _receiver_slots(self) -> list[tuple[int, int]]:
         """(engine, TP rank) of each receiver, in group order."""
@@ -85,7 +90,7 @@ class WeightSync:
                     for i, t in enumerate(self.trainers)]
         else:
             cls = ray.remote(WeightReceiver)
-            self.receivers = [cls.options(num_cpus=0, scheduling_strategy=self.rollout_strategies[j]).remote(
+            self.receivers = [cls.options(num_cpus=0, scheduling_strategy=self.rollout_strategies[j][t]).remote(
                                   self.rollouts[j], self.timeout_s, engine_index=j, tp_rank=t, tp_size=self.tp_size)
                               for j, t in self._receiver_slots()]
             common.update(world_size=len(self.trainers) + len(self.receivers), member_names=self.member_names())
@@ -150,6 +155,8 @@ class WeightSync:
             "sync_load_seconds": max(r.get("load_seconds", 0.0) for r in receivers),
             # what one receiver took in: the whole payload, or one rollout TP rank's shard of it
             "sync_receiver_bytes": float(max(r.get("bytes_received", 0) for r in receivers)),
+            # what the busiest member put on the wire (the transport's count; docs/weight-sync.md)
+            "sync_sent_bytes_max": float(max(r.get("bytes_sent", 0) for r in results)),
             # around the members' pushes: opening and closing the engines' update sessions
             "sync_begin_seconds": begun - start,
             "sync_members_seconds": pushed - begun,

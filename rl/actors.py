@@ -90,7 +90,8 @@ class Actors:
                 log.warning("trainer rendezvous port taken; starting the trainers again on another")
                 trainers, rendezvous = start_trainers()
         ray.get([e.__ray_ready__.remote() for e in [*engines, subagent_engine] if e is not None], timeout=timeout)
-        sync = WeightSync(trainers, engines, [placement.strategy(j * tp) for j in range(num_engines)], config.sync,
+        bundles_of = [[placement.strategy(j * tp + t) for t in range(tp)] for j in range(num_engines)]
+        sync = WeightSync(trainers, engines, bundles_of, config.sync,
                           device, rollout_tp_size=tp, tp_regions=region_rule(AutoConfig.from_pretrained(model_path), tp))
         sync.setup()  # the sub-agent engine is not among the sync's engines: its weights stay fixed
         rollout = RolloutManager(engines, timeout, seed=config.seed)

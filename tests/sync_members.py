@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from checkpoint_engine.buckets import Region, TensorMeta, dtype_name, plan_full, plan_sliced, unpack
+from checkpoint_engine.buckets import Region, TensorMeta, dtype_name, plan_full, plan_owned_sliced, plan_sliced, unpack
 
 BUCKET = 16 * 1024  # bytes: the "big" tensors below (32 KiB) do not fit in one
 
@@ -36,6 +36,8 @@ def make_plan(mode: str, sources: int, receivers: int):
             return [None] * receivers
         n = meta.shape[0] // receivers
         return [Region(0, r * n, n, meta.shape[0]) for r in range(receivers)]
+    if mode == "shard":
+        return plan_owned_sliced(owned, rows, receivers, BUCKET)
     return plan_sliced([m for s in range(sources) for m in owned[s]], rows, receivers, BUCKET)
 
 

@@ -209,7 +209,7 @@ class TrainingEngine:
 
     def weight_sync_setup(self, rollouts: Optional[list] = None, **endpoint_args) -> int:
         """Join the sync group; in colocated mode, `rollouts` are the engines this rank delivers to."""
-        self._sync_placed = transport(endpoint_args["mode"]).sliced
+        self._sync_placed = transport(endpoint_args["mode"]).placed
         self._sync_deliver = engine_delivery(rollouts, endpoint_args["timeout_s"]) if rollouts else None
         return self._sync.setup(**endpoint_args)
 

@@ -48,7 +48,7 @@ def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
         for _ in range(config.steps):
             metrics.append(loop.step())
             trained.append(loop.last_samples)
-        subagent_changed = ray.get(engines.subagents.verify_weights.remote(initial), timeout=120)
+        subagent_changed = ray.get(engines.subagents.engines[0].verify_weights.remote(initial), timeout=120)
         policy_changed = ray.get(engines.rollout.engines[0].verify_weights.remote(initial), timeout=120)
         loop.gateway.close()
         logger.close()

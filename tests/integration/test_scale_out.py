@@ -132,19 +132,40 @@ def test_tensor_parallel_trainer_with_two_engines(two_nodes, demo_model, tmp_pat
     served_by_every_engine(metrics, 2)
 
 
+def shard_bytes(model_path: str, tp: int) -> int:
+    """What one rollout TP rank needs of the model: its 1/TP of each split tensor, the rest whole."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from checkpoint_engine.buckets import TensorMeta, dtype_name
+    from rollout.sglang.tp_shards import region_rule
+
+    rule, total = region_rule(AutoConfig.from_pretrained(model_path), tp), 0
+    for file in (f for f in os.listdir(model_path) if f.endswith(".safetensors")):
+        for name, t in load_file(os.path.join(model_path, file)).items():
+            region = rule(TensorMeta(name, dtype_name(t.dtype), tuple(t.shape)))[0]
+            total += t.nbytes if region is None else t.nbytes // region.full * region.length
+    return total
+
+
 @pytest.mark.integration
 def test_tensor_parallel_trainer_with_one_tensor_parallel_engine(two_nodes, demo_model, tmp_path):
-    """Trainer TP=2 and one TP=2 engine whose two workers see the two bundles' GPUs; with reduce_scatter
-    each worker's receiver gets only its shard (about half the payload); the same seed repeats every
-    sample."""
-    settings = dict(trainer={"tensor_parallel_size": 2}, rollout={"tensor_parallel_size": 2},
-                    sync={"transport": "reduce_scatter"})
-    metrics, samples, _ = run_steps(two_nodes, demo_model, tmp_path / "a", **settings)
+    """Trainer TP=2 and one TP=2 engine whose two workers see the two bundles' GPUs. With reduce_scatter
+    and with shard each worker's receiver gets only its shard; shard sends it point-to-point, so a
+    receiver takes in what its rank needs (within 10%). The same seed repeats every sample, whichever
+    transport carried the (bitwise equal) weights."""
+    settings = dict(trainer={"tensor_parallel_size": 2}, rollout={"tensor_parallel_size": 2})
+    metrics, samples, _ = run_steps(two_nodes, demo_model, tmp_path / "a", sync={"transport": "reduce_scatter"},
+                                    **settings)
     served_by_every_engine(metrics, 1)
     for m in metrics:  # about half the payload per receiver (norms travel whole to both ranks)
         assert m["sync_receiver_bytes"] < 0.6 * m["sync_bytes"], m
-    _, again, _ = run_steps(two_nodes, demo_model, tmp_path / "b", **settings)
-    assert again == samples
+    again, repeated, _ = run_steps(two_nodes, demo_model, tmp_path / "b", sync={"transport": "shard"}, **settings)
+    assert repeated == samples
+    needed = shard_bytes(demo_model, 2)
+    for m in again:
+        assert needed <= m["sync_receiver_bytes"] <= 1.1 * needed, (m["sync_receiver_bytes"], needed)
+        assert m["sync_sent_bytes_max"] < 1.1 * m["sync_bytes"]  # the owner sends each byte once (2 halves)
 
 
 @pytest.mark.integration

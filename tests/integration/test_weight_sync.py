@@ -36,7 +36,8 @@ def expected_for(receiver: int, receivers: int, mode: str, sources: int) -> dict
 
 
 @pytest.mark.parametrize("mode,sources,world", [("broadcast", 1, 2), ("broadcast", 2, 4),
-                                                ("reduce_scatter", 1, 3), ("reduce_scatter", 2, 4)])
+                                                ("reduce_scatter", 1, 3), ("reduce_scatter", 2, 4),
+                                                ("shard", 1, 3), ("shard", 2, 4)])
 def test_push_delivers_bitwise_identical_tensors(mode, sources, world):
     receivers = world - sources
     plan = make_plan(mode, sources, receivers)
@@ -53,8 +54,12 @@ def test_push_delivers_bitwise_identical_tensors(mode, sources, world):
         assert set(got) == set(expected)
         for name, tensor in expected.items():
             assert got[name] == (dtype_name(tensor.dtype), tuple(tensor.shape), _bits(tensor).numpy().tobytes()), name
-        if mode == "reduce_scatter":  # each receiver got only its rows of the sliceable tensors
+        if mode != "broadcast":  # each receiver got only its rows of the sliceable tensors
             assert got["s0.big"][1][0] == 64 // receivers
+        if mode == "shard":  # a receiver takes in only its own chunks; each owner sends them once
+            assert stats["bytes_received"] == sum(b.chunk_bytes[rank - sources] for b in plan)
+            assert out[0][2]["bytes_sent"] == sum(sum(b.chunk_bytes) + 8 * sources * receivers
+                                                  for b in plan if b.owner == 0)
 
 
 def test_receiver_killed_mid_push_fails_every_survivor_naming_it_within_the_timeout():
@@ -72,7 +77,7 @@ def test_receiver_killed_mid_push_fails_every_survivor_naming_it_within_the_time
     assert again[2][1]["s0.big"][2] == _bits(source_tensors(0)["s0.big"]).numpy().tobytes()
 
 
-@pytest.mark.parametrize("mode", ["broadcast", "reduce_scatter"])
+@pytest.mark.parametrize("mode", ["broadcast", "reduce_scatter", "shard"])
 def test_a_chunk_corrupted_after_its_checksum_fails_every_member_naming_the_bucket(mode):
     plan = make_plan(mode, 1, 2)
     out = run_group(mode, 1, 3, corrupt_at_bucket=1)
