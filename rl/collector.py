@@ -16,7 +16,7 @@ from rewards.runner import RewardRunner, part_means
 from rl.algo.advantages import group_advantages, uniform_groups
 from rl.algo.budget import apply_length_penalty, apply_toggle, apply_truncation_reward, estimate_budgets
 from rl.algo.schedules import parl_lambdas, temperature_at
-from rl.data.prompts import Prompt, PromptSource
+from rl.data.prompts import Prompt, PromptSource, encode_prompt
 from rl.sample import Sample
 from rollout.agents.agent_rollout import AgentRollout
 
@@ -49,10 +49,10 @@ class Collector:
     # --- samples, temperatures, generation, scores --------------------------------------------------
     def make_samples(self, prompts: list[Prompt], samples_per_prompt: int) -> list[Sample]:
         budget = self.config.rollout.max_new_tokens
-        samples = [Sample(group_id=i, prompt=p.prompt, prompt_ids=self.tokenizer.encode(p.prompt),
-                          reference=p.reference, family=p.family, task_type=p.task_type,
-                          max_new_tokens=p.max_new_tokens or budget, metadata=dict(p.metadata))
-                   for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]  # chat prompts through the template
+        samples = [Sample(group_id=i, prompt=text, prompt_ids=list(ids), reference=p.reference, family=p.family,
+                          task_type=p.task_type, max_new_tokens=p.max_new_tokens or budget, metadata=dict(p.metadata))
+                   for i, (p, (text, ids)) in enumerate(zip(prompts, encoded)) for _ in range(samples_per_prompt)]
         if self.agentic is not None:
             for s in samples:
                 self.agentic.start(s)  # an episode: its environment, tools and prompt
@@ -117,15 +117,19 @@ class Collector:
             self.agentic.shape(samples, self.parl_lambdas())  # PARL's terms
         return {"toggle_zeroed": float(zeroed)} if b.toggle else {}
 
-    def evaluate(self) -> Optional[float]:
-        """Accuracy on held-out prompts (a range of the generated tasks' streams training never reaches),
-        one sample each; None when no family has held-out prompts."""
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy on held-out prompts (a range of the generated tasks' streams training never reaches,
+        and the families' `eval_path` rows), one sample each: `eval_accuracy` over all, and
+        `eval/<family>/accuracy`; empty when no family has held-out prompts."""
         prompts = self.prompts.held_out(EVAL_STREAM_START, self.config.eval.prompts)
         if not prompts:
-            return None
+            return {}
         samples = self.generate(self.make_samples(prompts, 1))
         self.score(samples)
-        return sum(float(s.reward) for s in samples) / len(samples)
+        mean = lambda group: sum(float(s.reward) for s in group) / len(group)  # noqa: E731
+        families = sorted({s.family for s in samples})
+        return {"eval_accuracy": mean(samples),
+                **{f"eval/{f}/accuracy": mean([s for s in samples if s.family == f]) for f in families}}
 
     # --- one step's samples ----------------------------------------------------------------------------
     def _generation_round(self, fresh: int) -> list[Sample]:

@@ -276,6 +276,10 @@ def _validate_data(c: Config) -> None:
         _require(os.path.exists(f.path), f"{key}.path", "does not exist", f.path)
         rows = _readable_records(f.path, Family.fields(f), f"{key}.path")
         _require(len(rows) > 0, f"{key}.path", "holds no rows", f.path)
+        if f.eval_path is not None:
+            _require(os.path.exists(f.eval_path), f"{key}.eval_path", "does not exist", f.eval_path)
+            _require(len(_readable_records(f.eval_path, Family.fields(f), f"{key}.eval_path")) > 0,
+                     f"{key}.eval_path", "holds no rows", f.eval_path)
         if f.budget_field:
             bad = next((r[f.budget_field] for r in rows if not (isinstance(r[f.budget_field], int)
                                                                 and r[f.budget_field] >= 1)), None)

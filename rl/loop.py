@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import time
-from typing import Optional
 
 import ray
 from transformers import AutoTokenizer
@@ -79,7 +78,7 @@ class RLLoop:
         self.step_index, self.weight_version = saved["step_index"], saved["weight_version"]
         self.collector.load_state_dict(saved)
 
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self) -> dict[str, float]:
         return self.collector.evaluate()
 
     # --- phases ----------------------------------------------------------------------------------------
@@ -173,9 +172,7 @@ class RLLoop:
                          os.path.join(os.path.dirname(self.logger.path), "subagents.jsonl"))
         every = c.eval.every
         if every and (self.step_index % every == 0 or self.step_index == c.steps):
-            accuracy = self.evaluate()
-            if accuracy is not None:
-                metrics["eval_accuracy"] = accuracy
+            metrics.update(self.evaluate())
         if self.logger is not None:
             self.logger.log(self.step_index, metrics)
         return metrics
@@ -198,8 +195,8 @@ def run(config: Config, run_dir: str) -> list[dict[str, float]]:
                 state.restore(loop, resume_from)
                 logger.resumed_at(loop.step_index)
                 log.info("resumed from %s at step %d", resume_from, loop.step_index)
-            elif config.eval.every and (accuracy := loop.evaluate()) is not None:
-                logger.log(0, {"eval_accuracy": accuracy, "weight_version": 0})
+            elif config.eval.every and (evaluation := loop.evaluate()):
+                logger.log(0, {**evaluation, "weight_version": 0})
             metrics = []
             while loop.step_index < config.steps:
                 metrics.append(loop.step())

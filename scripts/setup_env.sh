@@ -10,7 +10,7 @@ VENV=.venv
 DEVICE=${TANDEM_DEVICE:-$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)}
 if [ "$DEVICE" = cuda ]; then EXTRA=requirements/gpu.txt; else EXTRA=requirements/cpu.txt; fi
 STAMP="$VENV/.tandem-stamp"
-WANT="$DEVICE $(cat requirements/common.txt "$EXTRA" pyproject.toml | sha256sum | cut -d' ' -f1)"
+WANT="$DEVICE $(cat requirements/common.txt "$EXTRA" requirements/no-deps.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then exit 0; fi
 echo "[setup_env] building $VENV for $DEVICE (a few minutes on first run)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -24,6 +24,7 @@ else
   $PIP install -r requirements/cpu.txt -r requirements/common.txt
   $PIP install --no-deps "sglang==$(grep -E '^sglang==' requirements/gpu.txt | cut -d= -f3)"
 fi
+$PIP install --no-deps -r requirements/no-deps.txt
 $PIP install --no-deps -e .
 echo "$WANT" > "$STAMP"
 echo "[setup_env] done" >&2

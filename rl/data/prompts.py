@@ -6,16 +6,26 @@ configurable fields for the prompt, the reference answer, the task type (used to
 a per-row token budget, and fields passed on to the rewards (`Sample.metadata`: instruction
 checks, unit tests, rubrics). Position n of the run's prompt stream goes to a family drawn with the
 families' weights from a generator seeded by (seed, n); the family's k-th draw takes its k-th
-problem (generated) or row k of a seeded permutation of its rows, one permutation per epoch. Every
+problem (generated) or row k of a seeded permutation of its rows, one permutation per epoch,
+computed once for the epoch (a draw is O(1)); rows are read from the Arrow table on demand. Every
 draw is a function of the seed and the position, so a resumed run needs only the position.
+
+A prompt is a string, or a list of chat messages ({role, content}: the verl/TRL convention) that
+`encode_prompt` renders with the tokenizer's chat template; a family's `system_prompt` (or `chat`)
+makes its string prompts chat messages too. A family's `eval_path` holds its held-out prompts.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
 from rl.data.tasks import AdditionTask
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -26,11 +36,45 @@ class Prompt:
     task_type: str  # the row's task type, or the family's name
     max_new_tokens: Optional[int] = None  # this prompt's token budget; None: the family's or the rollout's
     metadata: dict[str, Any] = field(default_factory=dict)  # the row's `metadata_fields`, for rewards
+    messages: Optional[list[dict]] = None  # chat messages, rendered with the chat template; None: `prompt`
 
 
-def load_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:
-    """Rows of a .jsonl/.json or .parquet file, or of a directory saved by `datasets`, each with
-    `fields`; a missing field raises ValueError naming `setting` and the field."""
+def chat_messages(value: Any, system_prompt: Optional[str], chat: bool, where: str) -> Optional[list[dict]]:
+    """A row's prompt as chat messages (None: plain text). Anything but a string or a list of
+    {role, content} messages raises ValueError naming `where` (never silently turned into text)."""
+    if isinstance(value, str):
+        if not (chat or system_prompt):
+            return None
+        messages = [{"role": "user", "content": value}]
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        bad = next((m for m in value if m.get("role") not in ROLES or not isinstance(m.get("content"), str)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: a chat message needs a role in {ROLES} and a string content (got {bad!r})")
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    else:
+        raise ValueError(f"{where}: must be a string or a list of chat messages ({{role, content}}), "
+                         f"got {type(value).__name__}: {str(value)[:80]!r}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> tuple[str, list[int]]:
+    """The prompt's text and token ids: chat messages through the tokenizer's chat template with the
+    generation prompt (the ids of `apply_chat_template(..., tokenize=True)`: no second BOS), plain
+    text through `encode`."""
+    if prompt.messages is None:
+        return prompt.prompt, tokenizer.encode(prompt.prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"data.families.{prompt.family}: chat prompts need a tokenizer with a chat template")
+    text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_table(path: str, fields: tuple[str, ...], setting: str):
+    """A .jsonl/.json or .parquet file, or a directory saved by `datasets`, as a `datasets.Dataset` of
+    `fields` (Arrow, memory-mapped: rows are read when indexed); a missing field raises ValueError
+    naming `setting` and the field."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -44,7 +88,12 @@ def load_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]
     missing = [f for f in fields if f not in table.column_names]
     if missing:
         raise ValueError(f"{setting}: {path} has no field {missing[0]!r} (fields: {table.column_names})")
-    return [{f: row[f] for f in fields} for row in table]
+    return table.select_columns(list(dict.fromkeys(fields)))
+
+
+def load_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:
+    """`load_table`'s rows as dicts (for small files read whole, such as PTX demonstrations)."""
+    return [dict(row) for row in load_table(path, fields, setting)]
 
 
 def generated_task(task):
@@ -61,7 +110,11 @@ class Family:
         """`config`: an rl.config.TaskFamilyConfig; `task`: the rl.config.TaskConfig of the generated task."""
         self.name, self.config, self.seed = name, config, seed
         self.task = generated_task(task) if config.path is None else None
-        self.rows = None if config.path is None else load_records(config.path, self.fields(config), self.setting)
+        fields = self.fields(config)
+        self.rows = None if config.path is None else load_table(config.path, fields, self.setting)
+        self.eval_rows = None if config.eval_path is None else load_table(config.eval_path, fields,
+                                                                            f"data.families.{name}.eval_path")
+        self._order: tuple[int, Optional[np.ndarray]] = (-1, None)  # (epoch, its permutation)
 
     @property
     def setting(self) -> str:
@@ -74,22 +127,32 @@ class Family:
 
     def _row(self, k: int) -> int:
         epoch, offset = divmod(k, len(self.rows))
-        order = list(range(len(self.rows)))
-        random.Random(f"{self.seed}/{self.name}/{epoch}").shuffle(order)
-        return order[offset]
+        if self._order[0] != epoch:  # once per epoch; then every draw of the epoch is an index
+            key = hashlib.sha256(f"{self.seed}/{self.name}/{epoch}".encode()).digest()
+            self._order = (epoch, np.random.default_rng(int.from_bytes(key[:8], "little")).permutation(len(self.rows)))
+        return int(self._order[1][offset])
 
     def problem(self, k: int) -> Prompt:
         """The family's k-th draw."""
-        c = self.config
         if self.rows is None:
             p = self.task.problem(k)
-            return Prompt(p.prompt, p.reference, self.name, self.name, c.max_new_tokens)
-        row = self.rows[self._row(k)]
+            return Prompt(p.prompt, p.reference, self.name, self.name, self.config.max_new_tokens)
+        index = self._row(k)
+        return self._prompt(self.rows[index], f"{self.setting} row {index}")
+
+    def held_out(self, i: int) -> Prompt:
+        """Row i of the family's held-out prompts (`eval_path`)."""
+        return self._prompt(self.eval_rows[i], f"data.families.{self.name}.eval_path row {i}")
+
+    def _prompt(self, row: dict, where: str) -> Prompt:
+        c = self.config
         budget = row[c.budget_field] if c.budget_field else None
-        return Prompt(str(row[c.prompt_field]), str(row[c.answer_field]), self.name,
+        value = row[c.prompt_field]
+        messages = chat_messages(value, c.system_prompt, c.chat, f"{where}: {c.prompt_field}")
+        return Prompt(value if messages is None else "", str(row[c.answer_field]), self.name,
                       str(row[c.type_field]) if c.type_field else self.name,
                       int(budget) if budget is not None else c.max_new_tokens,
-                      {f: row[f] for f in c.metadata_fields})
+                      {f: row[f] for f in c.metadata_fields}, messages)
 
 
 class PromptSource:
@@ -128,11 +191,13 @@ class PromptSource:
 
     def held_out(self, start: int, count: int) -> list[Prompt]:
         """Evaluation prompts: the generated families' problems from `start` on (a range training never
-        reaches), shared out by weight; prompt-set families have no held-out part here."""
+        reaches), `count` shared out by weight; and each prompt-set family's first `count` held-out
+        rows (`eval_path`)."""
+        out = [f.held_out(i) for f in self.families if f.eval_rows is not None
+               for i in range(min(count, len(f.eval_rows)))]
         generated = [(f, w) for f, w in zip(self.families, self.weights) if f.rows is None]
         if not generated:
-            return []
-        out = []
+            return out
         for i in range(count):
             family = random.Random(self.seed * 7_919 + i).choices([f for f, _ in generated], [w for _, w in generated])[0]
             out.append(family.problem(start + i))

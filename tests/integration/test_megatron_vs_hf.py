@@ -1,9 +1,10 @@
-"""Megatron-core's logits on CPU equal HF transformers' for the same weights, for TP=1 and TP=2 (gloo)."""
+"""Megatron-core's logits on CPU equal HF transformers' for the same weights, for TP=1 and TP=2 (gloo),
+on the tiny random Qwen2 and on the real SmolLM2-135M-Instruct (Llama, tied embeddings, 9 heads)."""
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 TOLERANCE = 1e-4
 
@@ -53,3 +54,20 @@ def test_logit_comparison_detects_a_wrong_weight(random_model, free_port, tmp_pa
         expected = hf(input_ids).logits
     got = _megatron_logits(random_model, 2, input_ids, free_port, tmp_path, perturb=True)
     assert (got - expected).abs().max().item() > TOLERANCE
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tp", [1, 3])
+def test_megatron_logits_equal_hf_on_smollm2(smollm2, tp, free_port, tmp_path):
+    """A real pretrained checkpoint: TP=3 splits its 9 query and 3 key/value heads."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    texts = ["What is 12 + 7?", "The capital of France is", "def add(a, b):\n    return"]
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    width = min(len(r) for r in rows)
+    input_ids = torch.tensor([r[:width] for r in rows])
+    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids).logits
+    got = _megatron_logits(smollm2, tp, input_ids, free_port, tmp_path)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOLERANCE * expected.abs().max().item()

@@ -105,3 +105,61 @@ def test_a_family_is_added_from_the_command_line(prompt_set):
     assert set(config.data.families) == {"addition", "set"} and config.data.families["set"].path == prompt_set
     with pytest.raises(ConfigError, match="^data.families.set.wieght: Key 'wieght' not in"):
         load_config({"data": {"families": {"set": {"path": prompt_set, "wieght": 2}}}})
+
+
+# --- chat prompts, held-out sets, draws at scale (issue 18) ---------------------------------------------
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_chat_message_prompts_render_with_the_chat_template_and_no_second_bos(tmp_path, smollm2):
+    from transformers import AutoTokenizer
+
+    from rl.data.prompts import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    path = _write(tmp_path / "chat.jsonl", [{"question": messages, "solution": "7"}])
+    source = PromptSource(DataConfig(families={"chat": _family(path)}), TaskConfig(), seed=0)
+    prompt = source.prompts(0, 1)[0]
+    assert prompt.messages == messages
+    text, ids = encode_prompt(tokenizer, prompt)
+    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert ids == list(expected) and ids.count(tokenizer.bos_token_id) == expected.count(tokenizer.bos_token_id)
+    assert text.endswith("<|im_start|>assistant\n")
+    # a string prompt with the family's system prompt becomes [system, user]
+    plain = _write(tmp_path / "plain.jsonl", [{"question": "What is 3 + 4?", "solution": "7"}])
+    family = _family(plain, system_prompt="Answer with a number.")
+    prompt = PromptSource(DataConfig(families={"p": family}), TaskConfig(), seed=0).prompts(0, 1)[0]
+    assert prompt.messages == [{"role": "system", "content": "Answer with a number."}, *messages]
+    # without a system prompt or `chat`, a string prompt stays text, encoded as before
+    text = PromptSource(DataConfig(families={"p": _family(plain)}), TaskConfig(), seed=0).prompts(0, 1)[0]
+    assert text.messages is None and encode_prompt(tokenizer, text)[1] == tokenizer.encode("What is 3 + 4?")
+
+
+@pytest.mark.parametrize("value", [7, {"role": "user", "content": "hi"}, [{"role": "robot", "content": "hi"}]])
+def test_a_prompt_that_is_neither_text_nor_messages_is_named(tmp_path, value):
+    path = _write(tmp_path / "bad.jsonl", [{"question": value, "solution": "1"}])
+    source = PromptSource(DataConfig(families={"bad": _family(path)}), TaskConfig(), seed=0)
+    with pytest.raises(ValueError, match=r"data.families.bad.path row 0: question"):
+        source.prompts(0, 1)
+
+
+def test_eval_path_rows_are_the_families_held_out_prompts(tmp_path, prompt_set):
+    held = _write(tmp_path / "held.jsonl", [{"question": f"h{i}", "solution": str(i)} for i in range(4)])
+    data = DataConfig(families={"addition": TaskFamilyConfig(), "set": _family(prompt_set, eval_path=held)})
+    prompts = PromptSource(data, TaskConfig(), seed=0).held_out(10**9, 3)
+    assert [p.prompt for p in prompts if p.family == "set"] == ["h0", "h1", "h2"]
+    assert sum(p.family == "addition" for p in prompts) == 3
+    with pytest.raises(ConfigError, match="eval_path"):
+        load_config({"data": {"families": {"addition": {"eval_path": held}}}})
+
+
+def test_every_epoch_draws_each_row_once_in_its_own_order(prompt_set):
+    source = PromptSource(DataConfig(families={"set": _family(prompt_set)}), TaskConfig(), seed=3)
+    first, second = source.prompts(0, 10), source.prompts(10, 10)
+    assert sorted(p.prompt for p in first) == sorted(p.prompt for p in second) == sorted(r["question"] for r in ROWS)
+    assert [p.prompt for p in first] != [p.prompt for p in second]
+    again = PromptSource(DataConfig(families={"set": _family(prompt_set)}), TaskConfig(), seed=3)
+    assert [p.prompt for p in again.prompts(5, 10)] == [p.prompt for p in source.prompts(5, 10)]
