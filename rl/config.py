@@ -31,6 +31,7 @@ from rl.demo.config import ModelConfig, WarmStartConfig
 from rl.demo.tiny_model import TOKENIZERS
 from rl.trainer.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.trainer.config import TrainerConfig
+from rl.trainer.models import registry as architectures
 from rl.trainer.parallel_layout import LayoutError, model_shape
 from rl.trainer.setup import resolve_device
 from rollout.agents.environments import BUILTIN as ENVIRONMENTS
@@ -321,7 +322,12 @@ def _validate_agent(c: Config) -> None:
 def _model_shape(c: Config) -> dict:
     """What a parallel layout is checked against: from the model directory when given, else the demo shape."""
     if c.model.path is not None:
-        return model_shape(AutoConfig.from_pretrained(c.model.path))
+        hf = AutoConfig.from_pretrained(c.model.path)
+        try:
+            architectures.for_config(hf)  # one line naming an architecture the trainer cannot build
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return model_shape(hf)
     m = c.model
     return dict(num_layers=m.num_layers, num_heads=m.num_attention_heads, num_kv_heads=m.num_key_value_heads,
                 num_experts=None)

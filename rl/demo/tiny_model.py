@@ -142,6 +142,31 @@ def create_tiny_deepseek_v3(
     return path
 
 
+def create_tiny_qwen3(path: str, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                      num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 96,
+                      tie_word_embeddings: bool = False) -> str:
+    """Write a randomly initialised tiny dense Qwen3 (GQA with per-head q/k RMSNorm, no qkv bias) to `path`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = Qwen3Config(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, head_dim=32,
+        intermediate_size=intermediate_size, use_sliding_window=False, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # norms away from 1, so a dropped or misplaced q/k norm changes the logits
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    save_hf(model, tokenizer, path)
+    return path
+
+
 def create_tiny_qwen3_moe(
     path: str,
     seed: int = 0,

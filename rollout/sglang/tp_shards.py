@@ -1,8 +1,8 @@
 """Which part of each HF tensor an SGLang tensor-parallel rank holds, so a weight push can deliver each
 rollout rank only that part (the checkpoint engine's reduce_scatter transport with per-TP-rank receivers).
 
-The rules mirror SGLang's own sharding for the dense decoder layers (Llama, Qwen2, and the attention of
-Qwen3-MoE): column-parallel projections split their output rows evenly, row-parallel ones their input
+The rules mirror SGLang's own sharding for the dense decoder layers (Llama, Qwen2, Qwen3, and the
+attention of Qwen3-MoE): column-parallel projections split their output rows evenly, row-parallel ones their input
 columns, and the vocabulary-parallel embedding and LM head split the padded vocabulary (the last rank's
 rows stop at the real vocabulary). Anything else (norms, routers, experts, MLA projections, unlisted
 architectures) travels whole: the engine's loader still receives a full tensor and shards it itself,
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from checkpoint_engine.buckets import Region, TensorMeta
 
 SGLANG_VOCAB_PADDING = 64  # sglang.srt.layers.vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE
-SHARDED_MODEL_TYPES = {"llama", "qwen2", "qwen3_moe"}
+SHARDED_MODEL_TYPES = {"llama", "qwen2", "qwen3", "qwen3_moe"}
 COLUMN_PARALLEL = (".q_proj.", ".k_proj.", ".v_proj.", ".gate_proj.", ".up_proj.")  # weight and bias: rows
 ROW_PARALLEL = (".o_proj.weight", ".down_proj.weight")  # input columns (their biases are not split)
 VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")

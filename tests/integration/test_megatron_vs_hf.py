@@ -71,3 +71,20 @@ def test_megatron_logits_equal_hf_on_smollm2(smollm2, tp, free_port, tmp_path):
     got = _megatron_logits(smollm2, tp, input_ids, free_port, tmp_path)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= TOLERANCE * expected.abs().max().item()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_logits_equal_hf_on_a_dense_qwen3(tp, free_port, tmp_path):
+    """Qwen3 dense: per-head q/k RMSNorm (scaled away from 1, so a missing norm shows), head_dim 32."""
+    from rl.demo.tiny_model import create_tiny_qwen3
+
+    path = create_tiny_qwen3(str(tmp_path / "qwen3"), seed=5)
+    torch.manual_seed(0)
+    input_ids = torch.randint(2, 64, (3, 13))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids).logits
+    got = _megatron_logits(path, tp, input_ids, free_port, tmp_path)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOLERANCE

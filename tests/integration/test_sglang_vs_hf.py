@@ -48,3 +48,21 @@ def test_cpu_schedulers_froze_their_start_up_objects(demo_model, engine_factory)
     engine = engine_factory(demo_model)
     assert len(engine.frozen_objects) == 1 and engine.frozen_objects[0] > 10_000, engine.frozen_objects
     assert engine.engine.flush_cache().success
+
+
+@pytest.mark.integration
+def test_greedy_continuation_equals_hf_on_a_dense_qwen3(engine_factory, tmp_path):
+    """Qwen3 dense (per-head q/k norms) in SGLang, as the trainer supports it: the same greedy tokens as HF."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.demo.tiny_model import create_tiny_qwen3
+
+    path = create_tiny_qwen3(str(tmp_path / "qwen3"), seed=5)
+    prompt_ids = [[5, 9, 14, 3], [20, 21], [7, 7, 7, 30, 41]]
+    got = engine_factory(path).generate_greedy(prompt_ids, max_new_tokens=8)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for ids, sglang_ids in zip(prompt_ids, got):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                              pad_token_id=0, eos_token_id=None)
+        assert sglang_ids and sglang_ids[:8] == out[0, len(ids):].tolist()[:len(sglang_ids)]

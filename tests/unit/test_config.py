@@ -97,6 +97,15 @@ def test_tp_checked_against_the_model_directory(random_model):
     assert load_config({"model": {"path": random_model}, "trainer": {"tensor_parallel_size": 2}})
 
 
+def test_an_unsupported_architecture_stops_before_anything_starts(tmp_path):
+    from transformers import Gemma3TextConfig
+
+    Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"^model.path: unsupported architecture 'gemma3_text' \(supported: .*'qwen3'"):
+        load_config({"model": {"path": str(tmp_path)}})
+
+
 def test_default_config_is_valid():
     config = load_config({})
     assert config.rollout.samples_per_prompt >= 2 and config.model.path is None

@@ -23,6 +23,7 @@ class Geometry:
     head_dim: int
     tied_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys before RoPE
 
     @classmethod
     def from_hf(cls, hf_config) -> "Geometry":
@@ -34,7 +35,15 @@ class Geometry:
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
             tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             qkv_bias=hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=hf_config.model_type in QK_NORM_MODEL_TYPES,
         )
+
+    def direct(self) -> dict[str, str]:
+        """Megatron suffix -> HF suffix of the per-layer tensors that map one-to-one."""
+        return {**_LAYER_DIRECT, **(_QK_NORM if self.qk_norm else {})}
+
+
+QK_NORM_MODEL_TYPES = ("qwen3",)
 
 
 # Megatron suffix -> HF suffix for tensors that map one-to-one (per layer unless noted).
@@ -44,6 +53,8 @@ _LAYER_DIRECT = {
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+_QK_NORM = {"self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+            "self_attention.k_layernorm.weight": "self_attn.k_norm.weight"}
 
 
 def _interleave_qkv(q, k, v, g: Geometry) -> torch.Tensor:
@@ -69,7 +80,7 @@ def hf_to_full(hf: dict[str, torch.Tensor], g: Geometry) -> dict[str, torch.Tens
         full["output_layer.weight"] = hf["lm_head.weight"]
     for i in range(g.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for msuffix, hsuffix in _LAYER_DIRECT.items():
+        for msuffix, hsuffix in g.direct().items():
             full[m + msuffix] = hf[h + hsuffix]
         attn = h + "self_attn."
         for kind in ("weight", "bias") if g.qkv_bias else ("weight",):
@@ -88,7 +99,7 @@ def full_to_hf_rules(g: Geometry) -> dict[str, Callable[[torch.Tensor], dict[str
         rules["output_layer.weight"] = lambda t: {"lm_head.weight": t}
     for i in range(g.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for msuffix, hsuffix in _LAYER_DIRECT.items():
+        for msuffix, hsuffix in g.direct().items():
             rules[m + msuffix] = lambda t, name=h + hsuffix: {name: t}
         attn = h + "self_attn."
         for kind in ("weight", "bias") if g.qkv_bias else ("weight",):

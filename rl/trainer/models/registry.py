@@ -22,13 +22,13 @@ def _dense_config_kwargs(hf) -> dict:
     return dict(num_layers=g.num_layers, hidden_size=hf.hidden_size, num_attention_heads=g.num_heads,
                 num_query_groups=g.num_kv_heads, kv_channels=g.head_dim, ffn_hidden_size=hf.intermediate_size,
                 normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps, gated_linear_unit=True,
-                activation_func=F.silu, add_bias_linear=False, add_qkv_bias=g.qkv_bias)
+                activation_func=F.silu, add_bias_linear=False, add_qkv_bias=g.qkv_bias, qk_layernorm=g.qk_norm)
 
 
 def _dense_layer_spec(hf, device: str, config=None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=Geometry.from_hf(hf).qk_norm)
     if device == "cpu":
         from rl.trainer.megatron_cpu import cpu_block_spec
 
@@ -86,7 +86,7 @@ MOE = Architecture(
     full_to_hf=moe.full_to_hf,
 )
 
-register_architecture(DENSE, "qwen2", "llama")
+register_architecture(DENSE, "qwen2", "llama", "qwen3")
 register_architecture(MOE, "qwen3_moe", "deepseek_v3", "kimi_k2")
 
 
