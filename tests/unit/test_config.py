@@ -139,3 +139,23 @@ def test_agent_presets_load(preset):
     assert config.agent.environment == config.task.name
     assert [s.name for s in config.rewards.task_types["default"]] == ["environment"]
     assert config.agent.swarm.enabled == (preset == "swarm_wide_search")
+
+
+def test_the_smollm2_preset_replaces_the_demo_family(smollm2, monkeypatch):
+    """conf/smollm2_math.yaml: the prepared SmolLM2 and the project's word problems; `addition: null`
+    drops the demo family; `data.train_files` does the same in one argument."""
+    from hydra import compose, initialize
+
+    import rl.train  # noqa: F401 - registers the config schema with Hydra
+    from rl.data.word_problems import write
+
+    train, test = write(os.path.join(ROOT, ".cache", "data", "word_problems"))
+    monkeypatch.chdir(ROOT)  # the preset's paths are relative to the repository
+    with initialize(config_path="../../conf", version_base="1.3"):
+        config = load_config(compose(config_name="smollm2_math"))
+    assert list(config.data.families) == ["word_problems"] and config.model.path.endswith("smollm2-135m-instruct")
+    assert [s.name for s in config.rewards.task_types["default"]] == ["math_verify"]
+    one = load_config({"data": {"train_files": train, "val_files": test, "prompt_key": "messages"}})
+    assert list(one.data.families) == ["train"] and one.data.families["train"].eval_path == test
+    with pytest.raises(ConfigError, match="^data.val_files"):
+        load_config({"data": {"val_files": test}})
