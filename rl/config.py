@@ -26,7 +26,7 @@ from rl.algo.config import AlgorithmConfig, BudgetConfig, PTXConfig
 from rl.algo.ptx import PTX_FIELDS
 from rl.algo.schedules import SCHEDULES
 from rl.data.config import DataConfig, EvalConfig, TaskConfig, TaskFamilyConfig
-from rl.data.prompts import Family, load_records
+from rl.data.prompts import Family, chat_messages, load_records, load_table
 from rl.demo.config import ModelConfig, WarmStartConfig
 from rl.demo.tiny_model import TOKENIZERS
 from rl.trainer.checkpoint import MARKER as CHECKPOINT_MARKER
@@ -270,24 +270,39 @@ def _readable_records(path: str, fields: tuple[str, ...], setting: str) -> list[
 
 
 def _validate_data(c: Config) -> None:
-    """Each family's budget against the engine's context, and its prompt file: readable, not empty, budgets."""
+    """Each family's budget against the engine's context, and its prompt files: readable, not empty,
+    every row's prompt text or chat messages and budget valid (one streaming pass, errors name the row)."""
     for name, f in c.data.families.items():
         key = f"data.families.{name}"
         _require(f.max_new_tokens is None or 1 <= f.max_new_tokens <= c.rollout.max_total_tokens,
                  f"{key}.max_new_tokens", "must be in [1, rollout.max_total_tokens] or null", f.max_new_tokens)
-        if f.path is None:
-            continue
-        _require(os.path.exists(f.path), f"{key}.path", "does not exist", f.path)
-        rows = _readable_records(f.path, Family.fields(f), f"{key}.path")
-        _require(len(rows) > 0, f"{key}.path", "holds no rows", f.path)
-        if f.eval_path is not None:
-            _require(os.path.exists(f.eval_path), f"{key}.eval_path", "does not exist", f.eval_path)
-            _require(len(_readable_records(f.eval_path, Family.fields(f), f"{key}.eval_path")) > 0,
-                     f"{key}.eval_path", "holds no rows", f.eval_path)
+        for setting, path in ((f"{key}.path", f.path), (f"{key}.eval_path", f.eval_path)):
+            if path is not None:
+                _require(os.path.exists(path), setting, "does not exist", path)
+                _check_rows(f, path, setting)
+
+
+def _check_rows(f, path: str, setting: str) -> None:
+    """One pass over a prompt file's rows, a batch at a time: prompts and budgets, errors naming the row."""
+    try:
+        table = load_table(path, Family.fields(f), setting)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(message if message.startswith(f"{setting}:") else f"{setting}: {message}") from None
+    _require(len(table) > 0, setting, "holds no rows", path)
+    batch_rows = 10_000
+    for first in range(0, len(table), batch_rows):
+        batch = table[first:first + batch_rows]
+        for i, value in enumerate(batch[f.prompt_field], start=first):
+            try:
+                chat_messages(value, f.system_prompt, f.chat, f"{setting} row {i}: {f.prompt_field}")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if f.budget_field:
-            bad = next((r[f.budget_field] for r in rows if not (isinstance(r[f.budget_field], int)
-                                                                and r[f.budget_field] >= 1)), None)
-            _require(bad is None, f"{key}.budget_field", "every row's budget must be an integer >= 1", bad)
+            bad = next(((i, b) for i, b in enumerate(batch[f.budget_field], start=first)
+                        if not (isinstance(b, int) and b >= 1)), None)
+            _require(bad is None, setting.rsplit(".", 1)[0] + ".budget_field",
+                     f"every row's budget must be an integer >= 1 (row {bad[0] if bad else ''})", bad and bad[1])
 
 
 def _validate_rewards(c: Config) -> None:

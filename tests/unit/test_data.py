@@ -7,7 +7,7 @@ import pytest
 
 from rl.config import ConfigError, load_config
 from rl.data.config import DataConfig, TaskConfig, TaskFamilyConfig
-from rl.data.prompts import PromptSource
+from rl.data.prompts import PromptSource, load_records
 from rl.data.tasks import AdditionTask
 
 ROWS = [{"question": f"q{i}", "solution": str(i), "kind": "math" if i % 2 else "logic", "limit": 2 + i % 3}
@@ -163,3 +163,23 @@ def test_every_epoch_draws_each_row_once_in_its_own_order(prompt_set):
     assert [p.prompt for p in first] != [p.prompt for p in second]
     again = PromptSource(DataConfig(families={"set": _family(prompt_set)}), TaskConfig(), seed=3)
     assert [p.prompt for p in again.prompts(5, 10)] == [p.prompt for p in source.prompts(5, 10)]
+
+
+def test_the_word_problem_files_are_chat_rows_and_the_held_out_file_shares_no_problem(tmp_path):
+    from rl.data.word_problems import write
+
+    train, test = (load_records(p, ("messages", "answer"), "x") for p in write(str(tmp_path), train=2000, test=100))
+    assert len(test) == 100 and all(r["messages"][0]["role"] == "user" for r in train + test)
+    texts = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
+    assert not texts(train) & texts(test)
+    assert any(r["messages"][0]["content"].startswith("What is") for r in test)  # sums of unseen pairs
+    assert all(int(r["answer"]) == eval(r["messages"][0]["content"][8:].split("?")[0])  # noqa: S307
+               for r in test if r["messages"][0]["content"].startswith("What is"))
+
+
+def test_config_validation_names_the_first_bad_prompt_row(tmp_path):
+    path = _write(tmp_path / "rows.jsonl", [{"question": "fine", "solution": "1"}, {"question": "also", "solution": "2"},
+                                            {"question": 7, "solution": "3"}])
+    family = {"path": path, "prompt_field": "question", "answer_field": "solution"}
+    with pytest.raises(ConfigError, match=r"^data.families.set.path row 2: question: must be a string or a list"):
+        load_config({"data": {"families": {"set": family}}})
