@@ -75,7 +75,18 @@ class WeightSync:
         return ([f"trainer rank {i}" for i in range(len(self.trainers))]
                 + [f"receiver of rollout engine {j}{tp(t)}" for j, t in self._receiver_slots()[:len(self.receivers)]])
 
-    def setup(self) -> None:
+    def setup(self, attempts: int = 3) -> None:
+        """Plan and join the group; a group that fails to form (its port taken between being picked and
+        bound, say) is torn down and formed again on a new port, `attempts` times in all."""
+        for attempt in range(attempts):
+            try:
+                return self._setup()
+            except SyncError:
+                self.teardown()
+                if attempt == attempts - 1:
+                    raise
+
+    def _setup(self) -> None:
         self.teardown()
         self.plan = self._make_plan()
         # the group meets at trainer rank 0's node (rank 0 hosts the store), on a port picked there

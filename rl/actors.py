@@ -38,6 +38,24 @@ class Actors:
 
     @classmethod
     def start(cls, config: Config, model_path: str) -> "Actors":
+        """Start every actor; if any fails to start, those already started and the placement group are
+        released before the error propagates (nothing is left holding the cluster's GPUs)."""
+        started: list = []
+        try:
+            return cls._start(config, model_path, started)
+        except BaseException:
+            for item in started:
+                try:
+                    if isinstance(item, Placement):
+                        ray.util.remove_placement_group(item.pg)
+                    else:
+                        ray.kill(item)
+                except Exception:
+                    pass
+            raise
+
+    @classmethod
+    def _start(cls, config: Config, model_path: str, started: list) -> "Actors":
         world = config.trainer.layout().world_size
         r, w, timeout = config.rollout, config.agent.swarm, config.trainer.timeout_s
         tp = r.tensor_parallel_size
@@ -45,10 +63,10 @@ class Actors:
         bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
         start_ray(config.cluster, num_bundles=bundles)
         placement = place(bundles, config.cluster.placement, tp, num_engines, timeout)
+        started.append(placement)
         log.info("placement (%s):\n%s", config.cluster.placement, placement.table(world))
         nodes = {s.node_id for s in placement.slots[:world]}
         if config.sync.transport == "colocated" and len(nodes) > 1:
-            ray.util.remove_placement_group(placement.pg)
             raise RuntimeError(f"sync.transport=colocated hands weights over in memory shared on one node, but the "
                                f"trainer ranks span {len(nodes)} nodes: use broadcast or reduce_scatter")
         device = resolve_device(config.cluster.device)
@@ -63,6 +81,7 @@ class Actors:
                 for rank in range(world)], (address, port)
 
         trainers, rendezvous = start_trainers()
+        started.extend(trainers)
         engine_cls = ray.remote(RolloutEngine)
 
         def start_engine(path: str, slot: int, share: float, settings, gpu_ids: list[str], seed: int):
@@ -75,6 +94,7 @@ class Actors:
         subagent_settings = dataclasses.replace(r, tensor_parallel_size=1, release_memory_during_train=False)
         subagent_engine = start_engine(w.subagent_model or model_path, world, 1.0, subagent_settings,
                                        list(placement.slots[world].gpu_ids), config.seed) if w.enabled else None
+        started.extend(e for e in [*engines, subagent_engine] if e is not None)
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
         # ports too: if it took this one first, the trainers start again on another.
@@ -89,6 +109,7 @@ class Actors:
                     raise
                 log.warning("trainer rendezvous port taken; starting the trainers again on another")
                 trainers, rendezvous = start_trainers()
+                started.extend(trainers)
         ray.get([e.__ray_ready__.remote() for e in [*engines, subagent_engine] if e is not None], timeout=timeout)
         bundles_of = [[placement.strategy(j * tp + t) for t in range(tp)] for j in range(num_engines)]
         sync = WeightSync(trainers, engines, bundles_of, config.sync,

@@ -74,12 +74,13 @@ class Collector:
         return parl_lambdas(self.step_index, w.lambda_parallel, w.lambda_finish,
                             w.anneal_steps or max(1, self.config.steps - 1), w.anneal_schedule)
 
-    def generate(self, samples: list[Sample], caps: Optional[list[int]] = None, partial: bool = False) -> list[Sample]:
+    def generate(self, samples: list[Sample], caps: Optional[list[int]] = None, partial: bool = False,
+                 temperature: Optional[float] = None) -> list[Sample]:
         """Generate (or continue) each sample at its family's temperature of this step, by default up to
         the rest of its token budget; or run (continue) its episode, within this iteration's budget
         when `partial`."""
         for s in samples:
-            s.temperature = self.temperature(s.family)
+            s.temperature = self.temperature(s.family) if temperature is None else temperature
         if self.agentic is not None:
             return self.agentic.run(samples, partial)
         caps = caps or [s.max_new_tokens - len(s.response_ids) for s in samples]
@@ -119,17 +120,23 @@ class Collector:
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy on held-out prompts (a range of the generated tasks' streams training never reaches,
-        and the families' `eval_path` rows), one sample each: `eval_accuracy` over all, and
-        `eval/<family>/accuracy`; empty when no family has held-out prompts."""
+        and the families' `eval_path` rows), one sample each at the rollout temperature:
+        `eval_accuracy` over all and `eval/<family>/accuracy`; with `eval.greedy` also greedy
+        (`eval_greedy_accuracy`, `eval/<family>/greedy_accuracy`). Empty when nothing is held out."""
         prompts = self.prompts.held_out(EVAL_STREAM_START, self.config.eval.prompts)
         if not prompts:
             return {}
-        samples = self.generate(self.make_samples(prompts, 1))
+        metrics = self._accuracy(self.generate(self.make_samples(prompts, 1)), "accuracy")
+        if self.config.eval.greedy:
+            metrics.update(self._accuracy(self.generate(self.make_samples(prompts, 1), temperature=0.0),
+                                          "greedy_accuracy"))
+        return metrics
+
+    def _accuracy(self, samples: list[Sample], name: str) -> dict[str, float]:
         self.score(samples)
         mean = lambda group: sum(float(s.reward) for s in group) / len(group)  # noqa: E731
-        families = sorted({s.family for s in samples})
-        return {"eval_accuracy": mean(samples),
-                **{f"eval/{f}/accuracy": mean([s for s in samples if s.family == f]) for f in families}}
+        return {f"eval_{name}": mean(samples), **{f"eval/{f}/{name}": mean([s for s in samples if s.family == f])
+                                                 for f in sorted({s.family for s in samples})}}
 
     # --- one step's samples ----------------------------------------------------------------------------
     def _generation_round(self, fresh: int) -> list[Sample]:

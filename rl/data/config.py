@@ -78,3 +78,4 @@ class EvalConfig:
     (at most `prompts` each). Its accuracy is the run's headline number, also per family."""
     every: int = field(default=10, metadata={"ge": 0})
     prompts: int = field(default=256, metadata={"ge": 1})
+    greedy: bool = False  # also score each held-out prompt greedily (temperature 0)

@@ -24,17 +24,18 @@ def test_one_rl_step_on_smollm2_with_chat_prompts(smollm2, tmp_path):
     config = load_config({
         "steps": 1, "model": {"path": smollm2},
         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 24, "max_total_tokens": 2048},
-        "eval": {"every": 0}, "logging": {"wandb_mode": "disabled", "run_dir": str(tmp_path)},
+        "eval": {"every": 0, "prompts": 2, "greedy": True}, "logging": {"wandb_mode": "disabled", "run_dir": str(tmp_path)},
         "rewards": {"task_types": {"default": ["math_verify"]}},
         "sync": {"verify_full": True},
     })
-    config.data.families = {"sums": TaskFamilyConfig(path=str(path), prompt_field="messages")}
+    config.data.families = {"sums": TaskFamilyConfig(path=str(path), eval_path=str(path), prompt_field="messages")}
     validate(config)
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     actors = Actors.start(config, smollm2)
     try:
         loop = RLLoop(config, actors, tokenizer)
         metrics = loop.step()
+        evaluation, again = loop.evaluate(), loop.evaluate()  # held-out rows, sampled and greedy
         loop.gateway.close()
     finally:
         actors.shutdown()
@@ -42,6 +43,8 @@ def test_one_rl_step_on_smollm2_with_chat_prompts(smollm2, tmp_path):
     print(f"SmolLM2: max |SGLang - trainer| logprob {metrics['logprob_mismatch_max']:.2e}")
     assert metrics["logprob_mismatch_max"] <= MISMATCH, metrics["logprob_mismatch_max"]
     assert metrics["weight_version"] == 1 and metrics["grad_norm"] > 0
+    assert {"eval_accuracy", "eval/sums/accuracy", "eval_greedy_accuracy", "eval/sums/greedy_accuracy"} <= set(evaluation)
+    assert again["eval_greedy_accuracy"] == evaluation["eval_greedy_accuracy"]  # greedy: the same answers
     samples = loop.last_samples
     templated = {tuple(tokenizer.apply_chat_template(r["messages"], tokenize=True, add_generation_prompt=True)["input_ids"])
                  for r in rows}
