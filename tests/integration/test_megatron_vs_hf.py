@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TOLERANCE = 1e-4
 
@@ -33,27 +33,32 @@ def _megatron_logits(model_path, tp, input_ids, port, tmp_path, perturb=False):
     return torch.load(out)
 
 
+def _hf_logits(model_path, input_ids):
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(input_ids).logits
+
+
+def _max_difference(model_path, tp, input_ids, port, tmp_path, perturb=False) -> tuple[float, float]:
+    """max |Megatron - HF| over the logits, and max |HF logit| (for a relative bound)."""
+    expected = _hf_logits(model_path, input_ids)
+    got = _megatron_logits(model_path, tp, input_ids, port, tmp_path, perturb)
+    assert got.shape == expected.shape
+    return (got - expected).abs().max().item(), expected.abs().max().item()
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("tp", [1, 2])
 def test_megatron_logits_equal_hf(random_model, tp, free_port, tmp_path):
     torch.manual_seed(0)
     input_ids = torch.randint(2, 64, (3, 17))
-    hf = Qwen2ForCausalLM.from_pretrained(random_model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = hf(input_ids).logits
-    got = _megatron_logits(random_model, tp, input_ids, free_port, tmp_path)
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= TOLERANCE
+    assert _max_difference(random_model, tp, input_ids, free_port, tmp_path)[0] <= TOLERANCE
 
 
 @pytest.mark.multiproc
 def test_logit_comparison_detects_a_wrong_weight(random_model, free_port, tmp_path):
     input_ids = torch.randint(2, 64, (2, 9))
-    hf = Qwen2ForCausalLM.from_pretrained(random_model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = hf(input_ids).logits
-    got = _megatron_logits(random_model, 2, input_ids, free_port, tmp_path, perturb=True)
-    assert (got - expected).abs().max().item() > TOLERANCE
+    assert _max_difference(random_model, 2, input_ids, free_port, tmp_path, perturb=True)[0] > TOLERANCE
 
 
 @pytest.mark.multiproc
@@ -65,12 +70,8 @@ def test_megatron_logits_equal_hf_on_smollm2(smollm2, tp, free_port, tmp_path):
     rows = [tokenizer(t)["input_ids"] for t in texts]
     width = min(len(r) for r in rows)
     input_ids = torch.tensor([r[:width] for r in rows])
-    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = hf(input_ids).logits
-    got = _megatron_logits(smollm2, tp, input_ids, free_port, tmp_path)
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= TOLERANCE * expected.abs().max().item()
+    difference, scale = _max_difference(smollm2, tp, input_ids, free_port, tmp_path)
+    assert difference <= TOLERANCE * scale
 
 
 @pytest.mark.multiproc
@@ -82,9 +83,4 @@ def test_megatron_logits_equal_hf_on_a_dense_qwen3(tp, free_port, tmp_path):
     path = create_tiny_qwen3(str(tmp_path / "qwen3"), seed=5)
     torch.manual_seed(0)
     input_ids = torch.randint(2, 64, (3, 13))
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = hf(input_ids).logits
-    got = _megatron_logits(path, tp, input_ids, free_port, tmp_path)
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= TOLERANCE
+    assert _max_difference(path, tp, input_ids, free_port, tmp_path)[0] <= TOLERANCE
