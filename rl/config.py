@@ -259,11 +259,11 @@ def _validate_layouts(c: Config) -> None:
              c.sync.transport)
 
 
-def _readable_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:
-    """`load_records`, with any failure (a missing field, named; a file datasets cannot read) as a
-    one-line ConfigError naming `setting`."""
+def _readable_records(path: str, fields: tuple[str, ...], setting: str, load=load_records):
+    """`load` (load_records, or load_table), with any failure (a missing field, named; a file datasets
+    cannot read) as a one-line ConfigError naming `setting`."""
     try:
-        return load_records(path, fields, setting)
+        return load(path, fields, setting)
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(message if message.startswith(f"{setting}:") else f"{setting}: {message}") from None
@@ -284,11 +284,7 @@ def _validate_data(c: Config) -> None:
 
 def _check_rows(f, path: str, setting: str) -> None:
     """One pass over a prompt file's rows, a batch at a time: prompts and budgets, errors naming the row."""
-    try:
-        table = load_table(path, Family.fields(f), setting)
-    except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(message if message.startswith(f"{setting}:") else f"{setting}: {message}") from None
+    table = _readable_records(path, Family.fields(f), setting, load=load_table)
     _require(len(table) > 0, setting, "holds no rows", path)
     batch_rows = 10_000
     for first in range(0, len(table), batch_rows):
