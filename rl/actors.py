@@ -62,7 +62,7 @@ class Actors:
         num_engines = r.num_engines or max(1, world // tp)
         bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
         start_ray(config.cluster, num_bundles=bundles)
-        placement = place(bundles, config.cluster.placement, tp, num_engines, timeout)
+        placement = place(bundles, config.cluster.placement, tp, num_engines, timeout, config.cluster.threads_per_actor)
         started.append(placement)
         log.info("placement (%s):\n%s", config.cluster.placement, placement.table(world))
         nodes = {s.node_id for s in placement.slots[:world]}
@@ -77,7 +77,8 @@ class Actors:
         def start_trainers() -> tuple[list, tuple[str, int]]:
             address, port = placement.rendezvous(0, timeout)  # rank 0's node, a port picked there
             return [trainer_cls.options(num_cpus=1, num_gpus=SHARE, scheduling_strategy=placement.strategy(rank)).remote(
-                model_path, config.trainer, rank=rank, master_addr=address, master_port=port, **trainer_args)
+                model_path, config.trainer, rank=rank, master_addr=address, master_port=port,
+                threads=placement.threads(rank), **trainer_args)
                 for rank in range(world)], (address, port)
 
         trainers, rendezvous = start_trainers()
@@ -86,7 +87,7 @@ class Actors:
 
         def start_engine(path: str, slot: int, share: float, settings, gpu_ids: list[str], seed: int):
             return engine_cls.options(num_cpus=1, num_gpus=share, scheduling_strategy=placement.strategy(slot)).remote(
-                path, settings, device=device, seed=seed, gpu_ids=gpu_ids)
+                path, settings, device=device, seed=seed, gpu_ids=gpu_ids, threads=placement.threads(slot))
 
         engines = [start_engine(model_path, j * tp, SHARE, r, placement.engine_gpu_ids(j), config.seed + j)
                    for j in range(num_engines)]

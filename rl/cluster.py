@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
@@ -18,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from checkpoint_engine.group import node_address
 from rl.config import ClusterConfig
 
-CPUS_PER_BUNDLE = 2  # a trainer rank and a rollout engine's process (Ray sets OMP threads from these)
+CPUS_PER_BUNDLE = 2  # Ray's accounting for a trainer rank and a rollout engine (threads: Placement.threads)
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 
 
@@ -37,11 +38,17 @@ def in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrateg
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; a container's limit shows here)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @ray.remote
-def _probe() -> tuple[str, str, list[str]]:
-    """Run inside a bundle: its node's address and id, and the GPU ids Ray gives that bundle."""
+def _probe() -> tuple[str, str, list[str], int]:
+    """Run inside a bundle: its node's address and id, the GPU ids Ray gives that bundle, the node's cores."""
     context = ray.get_runtime_context()
-    return ray.util.get_node_ip_address(), context.get_node_id(), list(context.get_accelerator_ids().get("GPU", []))
+    return (ray.util.get_node_ip_address(), context.get_node_id(), list(context.get_accelerator_ids().get("GPU", [])),
+            usable_cores())
 
 
 @ray.remote
@@ -55,6 +62,7 @@ class Slot:
     node_ip: str
     node_id: str
     gpu_ids: tuple[str, ...]  # what Ray assigns to the bundle (CUDA_VISIBLE_DEVICES inside it)
+    node_cores: int = 1  # the cores a process on that node may use
 
 
 @dataclass
@@ -64,6 +72,18 @@ class Placement:
     slots: list[Slot]
     engine_tp: int
     num_engines: int
+    threads_per_actor: Optional[int] = None  # cluster.threads_per_actor; None: threads() decides
+
+    def threads(self, slot: int) -> int:
+        """Torch threads for the trainer rank and the rollout engine of `slot`: the node's cores shared
+        by the job's bundles on that node. The two actors of a bundle work in turn, so each gets the
+        whole share; Ray's default (OMP_NUM_THREADS = the actor's num_cpus, 1) would leave the other
+        cores idle in every phase."""
+        if self.threads_per_actor is not None:
+            return self.threads_per_actor
+        node = self.slots[slot]
+        sharing = sum(s.node_id == node.node_id for s in self.slots)
+        return max(1, node.node_cores // sharing)
 
     def strategy(self, slot: int) -> PlacementGroupSchedulingStrategy:
         return in_bundle(self.pg, self.slots[slot].bundle)
@@ -82,18 +102,19 @@ class Placement:
 
     def table(self, world: int) -> str:
         """One line per slot: node, bundle, GPU ids, trainer rank, rollout engine (and its TP rank)."""
-        rows = [("slot", "node", "bundle", "GPU ids", "trainer rank", "rollout engine")]
+        rows = [("slot", "node", "bundle", "GPU ids", "threads", "trainer rank", "rollout engine")]
         for i, s in enumerate(self.slots):
             engine, tp_rank = divmod(i, self.engine_tp)
             rollout = (f"{engine}" + (f" (TP rank {tp_rank})" if self.engine_tp > 1 else "")
                        if engine < self.num_engines else "-")
             rows.append((str(i), f"{s.node_ip} {s.node_id[:8]}", str(s.bundle), ",".join(s.gpu_ids) or "-",
-                         str(i) if i < world else "-", rollout))
+                         str(self.threads(i)), str(i) if i < world else "-", rollout))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def place(num_bundles: int, strategy: str, engine_tp: int, num_engines: int, timeout_s: float) -> Placement:
+def place(num_bundles: int, strategy: str, engine_tp: int, num_engines: int, timeout_s: float,
+          threads_per_actor: Optional[int] = None) -> Placement:
     """Reserve `num_bundles` GPU bundles (`strategy`: pack or spread over the nodes) and order them by
     node. Raises if a rollout engine's slots would straddle two nodes."""
     pg = placement_group([{"CPU": CPUS_PER_BUNDLE, "GPU": 1}] * num_bundles, strategy=STRATEGIES[strategy])
@@ -107,9 +128,9 @@ def place(num_bundles: int, strategy: str, engine_tp: int, num_engines: int, tim
     probes = ray.get([_probe.options(num_cpus=0, num_gpus=0.01, scheduling_strategy=in_bundle(pg, b)).remote()
                       for b in range(num_bundles)], timeout=timeout_s)
     order = list(dict.fromkeys(node_of[b] for b in range(num_bundles)))  # nodes in first-seen order
-    slots = sorted((Slot(b, ip, node_id, tuple(gpus)) for b, (ip, node_id, gpus) in enumerate(probes)),
+    slots = sorted((Slot(b, ip, node_id, tuple(gpus), cores) for b, (ip, node_id, gpus, cores) in enumerate(probes)),
                    key=lambda s: (order.index(s.node_id), s.bundle))
-    placement = Placement(pg, slots, engine_tp, num_engines)
+    placement = Placement(pg, slots, engine_tp, num_engines, threads_per_actor)
     for j in range(num_engines):
         nodes = {s.node_id for s in placement.engine_slots(j)}
         if len(nodes) > 1:

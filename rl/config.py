@@ -71,6 +71,10 @@ class ClusterConfig:
     # GPUs per node of the cluster the job runs on, checked before start (whole engines on a node);
     # None: not checked before start (the placement is still checked once Ray has placed the bundles)
     gpus_per_node: Optional[int] = field(default=None, metadata={"ge": 1})
+    # torch threads of each trainer rank and rollout engine; None: the node's cores over the job's
+    # bundles on that node. A bundle's trainer rank and engine work in turn (colocated), so each uses
+    # the bundle's whole share of cores while it works (rl/cluster.py, docs/performance.md).
+    threads_per_actor: Optional[int] = field(default=None, metadata={"ge": 1})
 
 
 @dataclass

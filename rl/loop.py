@@ -102,31 +102,21 @@ class RLLoop:
             append_jsonl(pairs, os.path.join(os.path.dirname(self.logger.path), "critic_pairs.jsonl"))
         return {**metrics, "critic_seconds": time.perf_counter() - start}
 
-    def old_logprobs(self, samples: list[Sample], batch: list[Sample]) -> float:
-        """pi_old: the trainer's logprobs of every sample; returns the largest |trainer - rollout| over the
-        tokens the current weights sampled (older segments of partial rollouts differ by design; tool
-        results were not sampled)."""
-        old = self.call_trainers("compute_logprobs", batch)
-        mismatch = 0.0
-        for s, b, lp in zip(samples, batch, old):
-            s.old_logprobs = b.old_logprobs = lp
-            mask = s.loss_mask or [1.0] * len(lp)
-            mismatch = max([mismatch, *(abs(a - b) for a, b, v, m in zip(lp, s.rollout_logprobs, s.token_versions, mask)
-                                        if v == self.weight_version and m)])
-        return mismatch
-
-    def train(self, samples: list[Sample]) -> tuple[dict[str, float], float]:
-        """pi_old, then `updates_per_step` optimizer steps (with PTX demonstrations when on)."""
+    def train(self, samples: list[Sample]) -> dict[str, float]:
+        """`updates_per_step` optimizer steps (with PTX demonstrations when on). The trainers take pi_old
+        from the first update's own forward (and one extra pass only for later updates); their metrics
+        include logprob_mismatch_max, the largest |trainer - rollout| logprob over the tokens the current
+        weights sampled (older segments of partial rollouts differ by design; tool results were not
+        sampled)."""
         c = self.config
         self.engines.rollout.call_all("release_memory")
         batch = for_training(samples)  # tokens, masks, rewards: no agent traces, no sub-agent trajectories
-        mismatch = self.old_logprobs(samples, batch)
         if c.algorithm.reset_optimizer_each_step:
             self.call_trainers("reset_optimizer_state")
         groups = len({s.group_id for s in samples})
         ptx = self.ptx.batch(self.step_index, c.ptx.samples_per_step) if self.ptx is not None else []
         return self.call_trainers("train_step", batch, c.algorithm, min(c.algorithm.updates_per_step, groups),
-                                  ptx, c.ptx.coef), mismatch
+                                  ptx, c.ptx.coef, self.weight_version)
 
     def sync(self) -> dict[str, float]:
         """The new weights, one version up, into the rollout engines."""
@@ -142,13 +132,12 @@ class RLLoop:
                 samples, sampling = self.collector.collect(self.weight_version)
                 critic = self.check_critic(samples)
             with marked_timer("train", timing):
-                train, mismatch = self.train(samples)
+                train = self.train(samples)
             with marked_timer("sync", timing):
                 pushed = self.sync()
         collector = self.collector
         metrics = {
             **step_metrics(samples, train, c.budget.correct_threshold),
-            "logprob_mismatch_max": mismatch,
             "sample_weight_version": min(min(s.token_versions, default=s.weight_version) for s in samples),
             "weight_version": self.weight_version,
             "temperature": collector.temperature(),  # the rollout's schedule; families with their own follow

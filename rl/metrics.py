@@ -79,6 +79,7 @@ def step_metrics(samples: list, train: dict[str, float], correct_threshold: floa
         "loss": train["loss"],
         "grad_norm": train["grad_norm"],
         "lr": train["lr"],
+        "logprob_mismatch_max": train["logprob_mismatch_max"],
     }
     for key in ("ptx_loss", "max_attn_logit"):  # with PTX; with MuonClip's QK-Clip
         if key in train:

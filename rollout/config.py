@@ -45,6 +45,9 @@ class RolloutConfig:
     # Free SGLang's weights and KV cache while the colocated trainer works (CUDA only: needs SGLang's
     # memory saver; on CPU SGLang's release/resume calls have no effect, so this is skipped).
     release_memory_during_train: bool = False
+    # An idle SGLang scheduler polls its sockets in a busy loop, taking a core from the colocated
+    # trainer while it works; sleeping on idle gives it back (measured: docs/performance.md).
+    sleep_on_idle: bool = True
 
     def check(self) -> None:
         if self.max_total_tokens < self.max_new_tokens:

@@ -15,36 +15,33 @@ import torch.distributed as dist
 from rl.algo.objectives import ObjectiveSettings, sample_losses, sample_weights
 from rl.sample import Sample
 from rl.trainer.micro_batches import MicroBatch, split_micro_batches
+from rl.trainer.response_logits import labels_for, logprobs_from_logits, logprobs_from_loss
 from rl.trainer.sharding import is_expert, tensor_parallel_of
 
 
-def token_logprobs(rank, logits: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Logprob of each next token, [batch, seq - 1], from vocab-parallel logits / each row's temperature.
-
-    Rows of the padded vocabulary get -inf, so the softmax is over the real vocabulary only.
-    """
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    logits = logits[:, :-1] / temperature.to(logits.device, logits.dtype)[:, None, None]
-    if rank.padded_vocab != rank.vocab_size:
-        start = rank.tp_rank * logits.shape[-1]
-        ids = torch.arange(start, start + logits.shape[-1], device=logits.device)
-        logits = logits.masked_fill(ids >= rank.vocab_size, float("-inf"))
-    targets = tokens[:, 1:].to(logits.device)
-    nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.transpose(0, 1).contiguous())
-    return -nll.transpose(0, 1)
-
-
 def run_schedule(rank, batches: list[MicroBatch], loss_func, forward_only: bool) -> list[dict]:
-    """Megatron's forward(-backward) schedule (1F1B under PP) over this rank's micro-batches."""
+    """Megatron's forward(-backward) schedule (1F1B under PP) over this rank's micro-batches;
+    `loss_func(batch, logprobs)` gets each micro-batch's per-token logprobs [rows, width - 1] of the
+    next tokens at each row's temperature (zeros before its first response-predicting position)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    labelled = rank.padded_vocab == rank.vocab_size  # else the padding rows are masked from the logits
+
+    def with_logprobs(batch: MicroBatch, first: int, output: torch.Tensor):
+        if labelled:
+            return loss_func(batch, logprobs_from_loss(output, first))
+        return loss_func(batch, logprobs_from_logits(output, batch.tokens, first, rank.vocab_size, rank.tp_rank))
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens = batch.tokens.to(rank.device)
         positions = torch.arange(tokens.shape[1], device=rank.device).expand_as(tokens)
-        output = model(input_ids=tokens, position_ids=positions, attention_mask=None)
-        return output, partial(loss_func, batch)
+        first, labels = 0, None
+        if rank.last_stage:  # only its output layer makes logits: the kept positions, divided by T
+            first = rank.response_logits.select(batch.first, batch.temperature)
+            labels = labels_for(tokens, first) if labelled else None
+        output = model(input_ids=tokens, position_ids=positions, attention_mask=None, labels=labels)
+        return output, partial(with_logprobs, batch, first)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[rank.ddp],
@@ -52,9 +49,11 @@ def run_schedule(rank, batches: list[MicroBatch], loss_func, forward_only: bool)
         micro_batch_size=max(b.tokens.shape[0] for b in batches), forward_only=forward_only)
 
 
-def split(rank, samples: list[Sample], weights: Optional[torch.Tensor] = None) -> list[MicroBatch]:
+def split(rank, samples: list[Sample], weights: Optional[torch.Tensor] = None,
+          version: Optional[int] = None) -> list[MicroBatch]:
     return split_micro_batches(samples, weights, rank.dp, rank.dp_rank, rank.config.micro_batch_tokens,
-                               width_multiple=rank.layout.tensor_parallel_size, uniform=rank.layout.pipeline_parallel_size > 1)
+                               width_multiple=rank.layout.tensor_parallel_size,
+                               uniform=rank.layout.pipeline_parallel_size > 1, version=version)
 
 
 @torch.no_grad()
@@ -64,9 +63,8 @@ def compute_logprobs(rank, samples: list[Sample]) -> list[list[float]]:
     rank.ddp.eval()
     batches = split(rank, samples)
 
-    def collect(batch: MicroBatch, logits):
-        logprobs = token_logprobs(rank, logits, batch.tokens, batch.temperature).cpu()
-        return logits.new_zeros(()), {"index": batch.index, "logprobs": logprobs}
+    def collect(batch: MicroBatch, logprobs):
+        return logprobs.new_zeros(()), {"index": batch.index, "logprobs": logprobs.cpu()}
 
     found: dict[int, list[float]] = {}
     for out in run_schedule(rank, batches, collect, forward_only=True):
@@ -82,11 +80,14 @@ def compute_logprobs(rank, samples: list[Sample]) -> list[list[float]]:
 
 
 def compute_gradients(rank, samples: list[Sample], objective: ObjectiveSettings,
-                      ptx_coef: float = 0.0) -> dict[str, float]:
+                      ptx_coef: float = 0.0, version: Optional[int] = None) -> dict[str, float]:
     """Forward and backward over `samples` (one minibatch): DP-reduced grads in `main_grad`.
 
     Rollouts get the objective, PTX demonstrations (`Sample.ptx`) `ptx_coef` times their token-mean
-    NLL. Returns both values ("loss", "ptx_loss": the NLL without the coefficient). The loss of
+    NLL. Returns both values ("loss", "ptx_loss": the NLL without the coefficient). pi_old is each
+    sample's `old_logprobs` if it carries them, else this forward's own logprobs, detached: under the
+    weights that sampled nothing since, they are pi_old, so no separate pass is needed ("mismatch":
+    the largest |pi_old - rollout| logprob over the tokens weight version `version` sampled). The loss of
     each micro-batch is its samples' weighted terms; Megatron divides by the number of
     micro-batches and DDP averages over DP, which we undo, so the gradient is exactly that of the
     whole minibatch's loss whatever the layout.
@@ -101,27 +102,30 @@ def compute_gradients(rank, samples: list[Sample], objective: ObjectiveSettings,
                                      objective.aggregation)
     if ptx:  # token mean over the demonstrations' response tokens
         weights[ptx] = 1.0 / sum(len(samples[i].response_ids) for i in ptx)
-    batches = split(rank, samples, weights)
+    batches = split(rank, samples, weights, version)
     undo = len(batches) * rank.dp
 
-    def loss_func(batch: MicroBatch, logits):
-        logprobs = token_logprobs(rank, logits, batch.tokens, batch.temperature)
+    def loss_func(batch: MicroBatch, logprobs):
         on = lambda t: t.to(logprobs.device)  # noqa: E731
-        mask, is_ptx, w = on(batch.loss_mask), on(batch.ptx), on(batch.weights)
-        terms = sample_losses(objective, logprobs, on(batch.old_logprobs), on(batch.rollout_logprobs),
-                              on(batch.advantages), mask)
+        mask, is_ptx, w, rollout = on(batch.loss_mask), on(batch.ptx), on(batch.weights), on(batch.rollout_logprobs)
+        old = torch.where(on(batch.old_given)[:, None] > 0, on(batch.old_logprobs), logprobs.detach())
+        terms = sample_losses(objective, logprobs, old, rollout, on(batch.advantages), mask)
         nll = -(logprobs * mask).sum(-1)
         rl_loss = (w * torch.where(is_ptx > 0, 0.0, terms)).sum()
         ptx_loss = (w * torch.where(is_ptx > 0, nll, 0.0)).sum()
-        return (rl_loss + ptx_coef * ptx_loss) * undo, {"loss": rl_loss.detach(), "ptx_loss": ptx_loss.detach()}
+        mismatch = ((old - rollout).abs() * on(batch.fresh)).amax()
+        return (rl_loss + ptx_coef * ptx_loss) * undo, {"loss": rl_loss.detach(), "ptx_loss": ptx_loss.detach(),
+                                                       "mismatch": mismatch}
 
     outputs = run_schedule(rank, batches, loss_func, forward_only=False)
-    totals = torch.zeros(2, device=rank.device)
+    totals, mismatch = torch.zeros(2, device=rank.device), torch.zeros((), device=rank.device)
     if rank.last_stage and rank.tp_rank == 0:
         for out in outputs:
             totals += torch.stack([out["loss"], out["ptx_loss"]])
+            mismatch = torch.maximum(mismatch, out["mismatch"])
     dist.all_reduce(totals)
-    return {"loss": totals[0].item(), "ptx_loss": totals[1].item()}
+    dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)
+    return {"loss": totals[0].item(), "ptx_loss": totals[1].item(), "mismatch": mismatch.item()}
 
 
 def grad_norm(rank) -> float:

@@ -32,11 +32,13 @@ from rl.trainer.build import build_model, wrap_ddp
 from rl.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rl.trainer.config import TrainerConfig
 from rl.trainer.export import export_hf
+from rl.trainer.micro_batches import carries_old
 from rl.trainer.models import registry as architectures
 from rl.trainer.offload import Offloader
 from rl.trainer.optim.muon import build_optimizer
 from rl.trainer.optim.qk_clip import apply_qk_clip, reset_max_attn_logits
 from rl.trainer.parallel_layout import model_shape
+from rl.trainer.response_logits import ResponseLogits
 from rl.trainer.setup import init_distributed, load_hf_state_dict, lr_factor, resolve_device
 from rl.trainer.sharding import gather_full_state, load_full_state
 from rl.trainer.weight_export import WeightExport
@@ -45,10 +47,15 @@ from rl.trainer.weight_export import WeightExport
 class TrainingEngine:
     def __init__(self, model_path: str, config: Optional[TrainerConfig] = None, rank: int = 0,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, device: str = "auto",
-                 lr_decay_steps: int = 0, seed: Optional[int] = None):
+                 lr_decay_steps: int = 0, seed: Optional[int] = None, threads: Optional[int] = None):
         """One trainer rank of `config`'s layout (rank `rank`, rendezvous at master_addr:master_port);
-        the cosine decay spans `lr_decay_steps` optimizer steps; `seed` defaults to config.seed."""
+        the cosine decay spans `lr_decay_steps` optimizer steps; `seed` defaults to config.seed;
+        `threads`: torch's intra-op threads (None: as the process has them; in a Ray actor that is
+        its num_cpus, which rl/cluster.py's Placement.threads overrides)."""
         from megatron.core import parallel_state
+
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         self.config = config = config or TrainerConfig()
         self.hf_config = AutoConfig.from_pretrained(model_path)
@@ -70,6 +77,9 @@ class TrainingEngine:
         self.model = build_model(self.hf_config, self.arch, self.layout, self.device, self.padded_vocab,
                                  config.qk_clip_tau, self.first_stage, self.last_stage)
         self.ddp = wrap_ddp(self.model)
+        # the output layer's logits only where responses are predicted (rl/trainer/response_logits.py)
+        self.response_logits = ResponseLogits(self.model, trims=not self.model.config.sequence_parallel
+                                              ) if self.last_stage else None
         self.load_hf_weights(load_hf_state_dict(model_path))
         self.optimizer = build_optimizer([self.model], config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                          adam_betas=tuple(config.adam_betas), muon_momentum=config.muon_momentum)
@@ -141,26 +151,38 @@ class TrainingEngine:
         return compute.compute_logprobs(self, samples)
 
     def compute_gradients(self, samples: list[Sample], objective: ObjectiveSettings,
-                          ptx_coef: float = 0.0) -> dict[str, float]:
+                          ptx_coef: float = 0.0, version: Optional[int] = None) -> dict[str, float]:
         """Forward and backward over one minibatch: DP-reduced grads in `main_grad` (see compute.py)."""
-        return compute.compute_gradients(self, samples, objective, ptx_coef)
+        return compute.compute_gradients(self, samples, objective, ptx_coef, version)
 
     def grad_norm(self) -> float:
         """The global L2 norm of the gradients in `main_grad`, over every distinct parameter."""
         return compute.grad_norm(self)
 
     def train_step(self, samples: list[Sample], objective: ObjectiveSettings = ObjectiveSettings(),
-                   num_minibatches: int = 1, ptx: Sequence[Sample] = (), ptx_coef: float = 0.0) -> dict[str, float]:
+                   num_minibatches: int = 1, ptx: Sequence[Sample] = (), ptx_coef: float = 0.0,
+                   version: Optional[int] = None) -> dict[str, float]:
         """One RL iteration: `num_minibatches` optimizer steps over the samples, split by prompt group;
-        the PTX demonstrations `ptx` are dealt to the minibatches in turn."""
+        the PTX demonstrations `ptx` are dealt to the minibatches in turn.
+
+        pi_old, for samples that do not carry it: the first minibatch's training forward gives it (the
+        weights have not moved yet); the later minibatches' come from one no-grad pass before the first
+        update. With one update a step (the default) there is no separate pass at all. `version`: the
+        weights being trained, whose sampled tokens the mismatch metric covers (logprob_mismatch_max)."""
         start = time.perf_counter()
         group_ids = sorted({s.group_id for s in samples})
         chunks = [set(group_ids[i::num_minibatches]) for i in range(num_minibatches)]
+        minibatches = [[s for s in samples if s.group_id in chunk] + list(ptx[n::num_minibatches])
+                       for n, chunk in enumerate(chunks)]
+        later = [s for minibatch in minibatches[1:] for s in minibatch if not carries_old(s)]
+        if later:
+            with_old = {id(s): dataclasses.replace(s, old_logprobs=lp)
+                        for s, lp in zip(later, self.compute_logprobs(later))}
+            minibatches = [minibatches[0]] + [[with_old.get(id(s), s) for s in mb] for mb in minibatches[1:]]
         results, norms, max_logits = [], [], []
-        for n, chunk in enumerate(chunks):
+        for minibatch in minibatches:
             reset_max_attn_logits([self.model])  # logits seen by logprob/eval passes do not count
-            minibatch = [s for s in samples if s.group_id in chunk] + list(ptx[n::num_minibatches])
-            results.append(self.compute_gradients(minibatch, objective, ptx_coef))
+            results.append(self.compute_gradients(minibatch, objective, ptx_coef, version))
             norms.append(self._clip_grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             for p in self.model.parameters():
@@ -173,6 +195,8 @@ class TrainingEngine:
                 max_logits.append(self._apply_qk_clip())
         metrics = {"loss": sum(r["loss"] for r in results) / len(results), "grad_norm": max(norms), "lr": lr,
                    "train_seconds": time.perf_counter() - start}
+        if version is not None:
+            metrics["logprob_mismatch_max"] = max(r["mismatch"] for r in results)
         if ptx:
             metrics["ptx_loss"] = sum(r["ptx_loss"] for r in results) / len(results)
         if max_logits:

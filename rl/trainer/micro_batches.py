@@ -20,13 +20,16 @@ class MicroBatch:
     """Right-padded tensors; per-token fields are aligned to next-token targets (width - 1)."""
     tokens: torch.Tensor  # [rows, width] token ids
     loss_mask: torch.Tensor  # [rows, width - 1], 1 on response tokens
-    old_logprobs: torch.Tensor  # [rows, width - 1] the trainer's, under pi_old
+    old_logprobs: torch.Tensor  # [rows, width - 1] the trainer's, under pi_old (where old_given)
     rollout_logprobs: torch.Tensor  # [rows, width - 1] the rollout engine's, for the same tokens
     advantages: torch.Tensor  # [rows]
     weights: torch.Tensor  # [rows] the sample's weight in the minibatch loss (0 for padding rows)
     index: torch.Tensor  # [rows] the sample's position in the minibatch (-1 for padding rows)
     ptx: torch.Tensor  # [rows] 1.0 for PTX demonstrations (NLL), 0.0 for rollouts (the RL objective)
     temperature: torch.Tensor  # [rows] each sample's sampling temperature (1.0 for padding rows)
+    old_given: torch.Tensor  # [rows] 1.0 where the sample carries pi_old; else the forward's own logprobs are it
+    fresh: torch.Tensor  # [rows, width - 1] 1 on loss tokens sampled by weight version `version` (the mismatch's)
+    first: int = 0  # the first position any row predicts a response token from (its logits are all we need)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -34,9 +37,11 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], dp_size: int, dp_rank: int,
-                        token_budget: int, width_multiple: int = 1, uniform: bool = False) -> list[MicroBatch]:
+                        token_budget: int, width_multiple: int = 1, uniform: bool = False,
+                        version: Optional[int] = None) -> list[MicroBatch]:
     """This DP rank's micro-batches of `samples` (in order), each within `token_budget` padded tokens
-    per rank where possible (a single over-long sample still gets a micro-batch of its own).
+    per rank where possible (a single over-long sample still gets a micro-batch of its own). `version`:
+    the weight version whose sampled tokens are marked `fresh`.
 
     `uniform` pads every micro-batch to the same rows and width: pipeline stages exchange activations
     of one fixed shape.
@@ -57,23 +62,34 @@ def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], 
               for run in runs]
     if uniform:
         shapes = [(max(r for r, _ in shapes), max(w for _, w in shapes))] * len(runs)
-    return [_pack([samples[i] for i in run[dp_rank::dp_size]], run[dp_rank::dp_size], weights, rows, width)
+    return [_pack([samples[i] for i in run[dp_rank::dp_size]], run[dp_rank::dp_size], weights, rows, width, version)
             for run, (rows, width) in zip(runs, shapes)]
 
 
-def _pack(part: list[Sample], index: list[int], weights: Optional[torch.Tensor], rows: int, width: int) -> MicroBatch:
+def carries_old(s: Sample) -> bool:
+    """Whether `s` brings its own pi_old (PTX demonstrations need none)."""
+    return s.ptx or len(s.old_logprobs) == len(s.response_ids) > 0
+
+
+def _pack(part: list[Sample], index: list[int], weights: Optional[torch.Tensor], rows: int, width: int,
+          version: Optional[int]) -> MicroBatch:
     tokens = torch.zeros(rows, width, dtype=torch.long)
     loss_mask = torch.zeros(rows, width - 1)
     old, rollout = torch.zeros(rows, width - 1), torch.zeros(rows, width - 1)
     batch = MicroBatch(tokens, loss_mask, old, rollout, advantages=torch.zeros(rows), weights=torch.zeros(rows),
                        index=torch.full((rows,), -1, dtype=torch.long), ptx=torch.zeros(rows),
-                       temperature=torch.ones(rows))
+                       temperature=torch.ones(rows), old_given=torch.zeros(rows), fresh=torch.zeros(rows, width - 1),
+                       first=max(0, min((len(s.prompt_ids) for s in part), default=1) - 1))
     for row, (s, i) in enumerate(zip(part, index)):
         tokens[row, : len(s.tokens)] = torch.tensor(s.tokens)
         start, end = len(s.prompt_ids) - 1, len(s.tokens) - 1
         loss_mask[row, start:end] = torch.tensor(s.loss_mask) if s.loss_mask else 1.0
-        if s.old_logprobs:
-            old[row, start:end] = torch.tensor(s.old_logprobs)
+        if carries_old(s):
+            batch.old_given[row] = 1.0
+            if s.old_logprobs:
+                old[row, start:end] = torch.tensor(s.old_logprobs)
+        if version is not None and s.token_versions:
+            batch.fresh[row, start:end] = loss_mask[row, start:end] * (torch.tensor(s.token_versions) == version)
         if s.rollout_logprobs:
             rollout[row, start:end] = torch.tensor(s.rollout_logprobs)
         batch.advantages[row] = s.advantage or 0.0

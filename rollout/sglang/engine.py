@@ -27,13 +27,16 @@ def _export_repo_to_workers() -> None:
 
 class RolloutEngine:
     def __init__(self, model_path: str, config: Optional[RolloutConfig] = None, device: str = "auto", seed: int = 0,
-                 dtype: str = "float32", gpu_ids: Optional[list[str]] = None):
+                 dtype: str = "float32", gpu_ids: Optional[list[str]] = None, threads: Optional[int] = None):
         """An SGLang engine of `config`'s tensor-parallel size, KV-cache cap and memory settings. `gpu_ids`:
         the GPUs of the engine's placement-group bundles; its worker processes see exactly these (Ray
-        gives the actor only the GPU of the bundle it sits in)."""
+        gives the actor only the GPU of the bundle it sits in). `threads`: torch threads of each of its
+        scheduler processes (None: inherited; in a Ray actor OMP_NUM_THREADS is its num_cpus)."""
         config = config or RolloutConfig()
         if gpu_ids:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)  # inherited by SGLang's workers
+        if threads is not None:  # SGLang's schedulers read it at start (on CPU they set no threads themselves)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         tensor_parallel_size, release_memory_during_train = config.tensor_parallel_size, config.release_memory_during_train
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict = {}
@@ -53,6 +56,7 @@ class RolloutEngine:
 
         self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
                                     max_total_tokens=config.max_total_tokens, random_seed=seed, log_level="error",
+                                    sleep_on_idle=config.sleep_on_idle,
                                     custom_weight_loader=loaders, **kwargs)
         # CPU: objects each scheduler process keeps from start-up, now out of the collector's reach
         self.frozen_objects = sglang_cpu.after_start(self.engine) if self.device == "cpu" else []

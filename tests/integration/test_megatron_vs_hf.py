@@ -84,3 +84,36 @@ def test_megatron_logits_equal_hf_on_a_dense_qwen3(tp, free_port, tmp_path):
     torch.manual_seed(0)
     input_ids = torch.randint(2, 64, (3, 13))
     assert _max_difference(path, tp, input_ids, free_port, tmp_path)[0] <= TOLERANCE
+
+
+def _logprob_worker(rank, world_size, model_path, port, sequences, out_path):
+    from rl.sample import Sample
+    from tests.helpers import make_engine
+
+    engine = make_engine(model_path, rank=rank, world_size=world_size, master_port=port, device="cpu",
+                         tensor_parallel_size=world_size, vocab_pad_multiple=48 if world_size > 1 else 1)
+    samples = [Sample(group_id=i, prompt="", prompt_ids=p, reference="", response_ids=r, temperature=t)
+               for i, (p, r, t) in enumerate(sequences)]
+    logprobs = engine.compute_logprobs(samples)
+    if rank == 0:
+        torch.save(logprobs, out_path)
+    engine.shutdown()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tp", [1, 2])  # TP=2 pads the vocabulary 64 -> 96: the masked-logits path
+def test_response_logprobs_equal_hf_log_softmax_at_each_temperature(random_model, tp, free_port, tmp_path):
+    """The trainer keeps only the positions that predict response tokens and divides the output layer's
+    input by the temperature (rl/trainer/response_logits.py): its logprobs still equal HF's
+    log_softmax(logits / T) of each sampled token, with prompts of different lengths in one batch."""
+    torch.manual_seed(1)
+    sequences = [(torch.randint(2, 64, (n,)).tolist(), torch.randint(2, 64, (m,)).tolist(), t)
+                 for n, m, t in [(3, 6, 1.0), (9, 2, 0.7), (5, 5, 1.3)]]
+    out = tmp_path / "logprobs.pt"
+    mp.start_processes(_logprob_worker, args=(tp, random_model, free_port, sequences, str(out)), nprocs=tp,
+                       join=True, start_method="spawn")
+    got = torch.load(out)
+    for (prompt, response, t), lp in zip(sequences, got):
+        logits = _hf_logits(random_model, torch.tensor([prompt + response]))[0, len(prompt) - 1:-1] / t
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(lp), expected, atol=TOLERANCE), (t, lp, expected.tolist())

@@ -74,6 +74,45 @@ def _ptx_terms(model_path, port, rewards, out_path):
     engine.shutdown()
 
 
+def _pi_old_from_the_forward(model_path, port, rewards, out_path):
+    """pi_old given by a separate no-grad pass vs taken from the training forward itself: losses,
+    gradients and the mismatch metric; and one train_step of two minibatches (the second needs the
+    separate pass) with pi_old given vs computed by the step."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from tests.helpers import make_engine
+
+    engine = make_engine(model_path, master_port=port, device="cpu")
+    engine.optimizer = torch.optim.SGD(engine.model.parameters(), lr=0.05)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    groups = [("12+34=", ["64", "99", "1"]), ("5+5=", ["10", "01", "55"])]
+    samples = [Sample(group_id=g, prompt=p, prompt_ids=tok.encode(p), reference=r[0], reward=float(i == 0),
+                      response_ids=tok.encode(x) + [tok.eos_token_id], temperature=0.8)
+               for g, (p, r) in enumerate(groups) for i, x in enumerate(r)]
+    group_advantages(samples)
+    exact = engine.compute_logprobs(samples)
+    noise = torch.Generator().manual_seed(0)
+    for s, lp in zip(samples, exact):  # a rollout engine's logprobs: near the trainer's, not equal
+        s.rollout_logprobs = [x + 0.01 * torch.randn((), generator=noise).item() for x in lp]
+        s.token_versions = [3] * len(lp)
+    given = [dataclasses.replace(s, old_logprobs=lp) for s, lp in zip(samples, exact)]
+    out = {"noise_max": max(abs(a - b) for s, lp in zip(samples, exact) for a, b in zip(s.rollout_logprobs, lp))}
+    for name, objective in [("kimi_k2", ObjectiveSettings(tau=0.5)),
+                            ("ppo_clip", ObjectiveSettings(objective="ppo_clip", tis_cap=2.0))]:
+        for source, batch in [("given", given), ("forward", samples)]:
+            out[f"{name}/{source}"] = engine.compute_gradients(batch, objective, version=3)
+            out[f"{name}/{source}/grads"] = engine.hf_grad_dict()
+    start = engine.hf_state_dict()
+    for source, batch in [("given", given), ("forward", samples)]:
+        engine.load_hf_weights(start)
+        out[f"two/{source}"] = engine.train_step(batch, ObjectiveSettings(tau=0.5), num_minibatches=2, version=3)
+        out[f"two/{source}/weights"] = engine.hf_state_dict()
+    torch.save(out, out_path)
+    engine.shutdown()
+
+
 def _run(model_path, port, rewards, tmp_path, target=_sgd_step):
     out = tmp_path / "result.pt"
     proc = mp.get_context("spawn").Process(target=target, args=(model_path, port, rewards, str(out)))
@@ -131,6 +170,26 @@ def test_ptx_loss_is_the_hf_token_mean_nll_and_adds_coef_times_its_gradient(rand
         expected = result["rl_grads"][name] + 0.5 * result["ptx_grads"][name]
         assert torch.allclose(both, expected, atol=1e-6, rtol=1e-4), name
     assert any(g.abs().sum() > 0 for g in result["ptx_grads"].values())
+
+
+@pytest.mark.multiproc
+def test_pi_old_from_the_training_forward_leaves_loss_and_gradients_unchanged(random_model, free_port, tmp_path):
+    result = _run(random_model, free_port, [], tmp_path, target=_pi_old_from_the_forward)
+    noise = result["noise_max"]  # max |pi_old - rollout| over the version-3 tokens, as made
+    for name in ("kimi_k2", "ppo_clip"):
+        given, forward = result[f"{name}/given"], result[f"{name}/forward"]
+        assert forward["loss"] == pytest.approx(given["loss"], rel=1e-6, abs=1e-9), name
+        assert forward["mismatch"] == pytest.approx(given["mismatch"], rel=1e-5), name
+        assert given["mismatch"] == pytest.approx(noise, rel=1e-4), name
+        grads_given, grads_forward = result[f"{name}/given/grads"], result[f"{name}/forward/grads"]
+        assert any(g.abs().sum() > 0 for g in grads_given.values())
+        for key, g in grads_given.items():
+            scale = g.abs().max().item()
+            assert (grads_forward[key] - g).abs().max().item() <= 1e-6 * max(scale, 1e-6), (name, key)
+    for key, w in result["two/given/weights"].items():  # the second minibatch's pi_old from the step's own pass
+        assert torch.allclose(result["two/forward/weights"][key], w, rtol=1e-6, atol=1e-7), key
+    assert result["two/forward"]["logprob_mismatch_max"] == pytest.approx(
+        result["two/given"]["logprob_mismatch_max"], rel=1e-5)
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
