@@ -178,7 +178,7 @@ def side_megatron(args) -> list[dict]:
         step_sequences = sequences[step % len(sequences)]
         samples = [Sample(group_id=i, prompt="", prompt_ids=p, reference="", response_ids=r)
                    for i, (p, r) in enumerate(step_sequences)]
-        batches = split_micro_batches(samples, None, 1, 0, config.trainer.micro_batch_tokens)
+        batches = split_micro_batches(samples, None, 1, 0, engine.micro_batch_tokens)
         engine.ddp.train()
         engine.ddp.zero_grad_buffer()
         get_forward_backward_func()(
@@ -218,7 +218,8 @@ def side_trl(args) -> list[dict]:
 
     batch = args.prompts * args.samples
     settings = GRPOConfig(
-        output_dir=args.work, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        output_dir=args.work, per_device_train_batch_size=args.reference_rows,
+        gradient_accumulation_steps=batch // args.reference_rows,
         num_generations=args.samples, max_completion_length=args.tokens, beta=0.0, num_iterations=1,
         temperature=config.rollout.temperature, learning_rate=config.trainer.lr, max_steps=args.warmup + args.steps,
         logging_steps=1, report_to=[], use_cpu=True, bf16=False, fp16=False, save_strategy="no", seed=args.seed,
@@ -262,10 +263,12 @@ def side_hf(args) -> list[dict]:
         start = time.perf_counter()
         model.train()
         mask = torch.cat([attention, completion_mask.long()], dim=1)
-        logits = model(input_ids=out, attention_mask=mask).logits[:, width - 1:-1] / config.rollout.temperature
-        logprobs = torch.log_softmax(logits, -1).gather(-1, completion[..., None]).squeeze(-1)
-        loss = -(adv[:, None] * logprobs * completion_mask).sum() / completion_mask.sum()
-        loss.backward()
+        for rows in torch.arange(len(ids)).split(args.reference_rows):  # gradient accumulation
+            logits = model(input_ids=out[rows], attention_mask=mask[rows]).logits[:, width - 1:-1]
+            logprobs = torch.log_softmax(logits / config.rollout.temperature, -1).gather(
+                -1, completion[rows][..., None]).squeeze(-1)
+            loss = -(adv[rows, None] * logprobs * completion_mask[rows]).sum() / completion_mask.sum()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         return {"generate": generate, "train": time.perf_counter() - start, "tokens": completion_mask.sum().item()}
@@ -276,8 +279,9 @@ def side_hf(args) -> list[dict]:
 def run_side(side: str, args) -> list[dict]:
     out = os.path.join(args.work, f"{side}.json")
     command = [sys.executable, os.path.abspath(__file__), "--side", side, "--out", out, "--work", args.work,
-               *[f"--{k}={v}" for k, v in vars(args).items() if k in ("preset", "prompts", "samples", "tokens",
-                                                                       "steps", "warmup", "threads", "seed")]]
+               *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("preset", "prompts", "samples", "tokens",
+                                                                       "steps", "warmup", "threads", "seed",
+                                                                       "reference_rows")]]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     with open(out) as f:
         return json.load(f)
@@ -292,7 +296,8 @@ def table(results: dict[str, list[dict]], args) -> str:
     tandem = median(results["tandem"], "step")
     engines = median(results["sglang"], "step") + median(results["megatron"], "step")
     lines = [f"Preset {args.preset}: {args.prompts} prompts x {args.samples} samples, up to {args.tokens} new tokens, "
-             f"fp32, {args.threads} threads a side; median of {args.steps} steps after {args.warmup} warm-up",
+             f"fp32, {args.threads} threads a side; median of {args.steps} steps after {args.warmup} warm-up; "
+             f"trl and hf: {args.reference_rows} sequences a forward/backward",
              "", "| side | step s | generate s | train s | tokens | Tandem's step / side's |", "|---|---|---|---|---|---|"]
     for side, rows in results.items():
         s = median(rows, "step")
@@ -315,9 +320,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int)
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="steps before the timed ones (a process's first steps fault its memory in)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--reference-rows", type=int, default=16,
+                        help="sequences per forward/backward in trl and hf (gradient accumulation over the batch)")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--out", help="with --side: its JSON; else a markdown file for the table")

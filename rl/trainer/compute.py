@@ -51,7 +51,7 @@ def run_schedule(rank, batches: list[MicroBatch], loss_func, forward_only: bool)
 
 def split(rank, samples: list[Sample], weights: Optional[torch.Tensor] = None,
           version: Optional[int] = None) -> list[MicroBatch]:
-    return split_micro_batches(samples, weights, rank.dp, rank.dp_rank, rank.config.micro_batch_tokens,
+    return split_micro_batches(samples, weights, rank.dp, rank.dp_rank, rank.micro_batch_tokens,
                                width_multiple=rank.layout.tensor_parallel_size,
                                uniform=rank.layout.pipeline_parallel_size > 1, version=version)
 

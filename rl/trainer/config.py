@@ -15,8 +15,9 @@ class TrainerConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1  # carved out of the data-parallel ranks: must divide DP
     world_size: Optional[int] = None  # training processes (one per GPU); None: TP * PP, i.e. DP = 1
-    # padded tokens (rows x width) per micro-batch and DP rank
-    micro_batch_tokens: int = field(default=8192, metadata={"ge": 1})
+    # padded tokens (rows x width) per micro-batch and DP rank; None: 8192 on CUDA, and on CPU
+    # megatron_cpu.MICRO_BATCH_TOKENS (smaller micro-batches train faster there: docs/performance.md)
+    micro_batch_tokens: Optional[int] = field(default=None, metadata={"ge": 1})
     # pad the vocabulary to a multiple of this x TP (Megatron-LM uses 128)
     vocab_pad_multiple: int = field(default=1, metadata={"ge": 1})
     # adamw | muon (Muon on hidden matrices, AdamW on the rest; Kimi K2)

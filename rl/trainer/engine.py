@@ -43,6 +43,8 @@ from rl.trainer.setup import init_distributed, load_hf_state_dict, lr_factor, re
 from rl.trainer.sharding import gather_full_state, load_full_state
 from rl.trainer.weight_export import WeightExport
 
+MICRO_BATCH_TOKENS = 8192  # per micro-batch and DP rank when trainer.micro_batch_tokens is None (CUDA)
+
 
 class TrainingEngine:
     def __init__(self, model_path: str, config: Optional[TrainerConfig] = None, rank: int = 0,
@@ -72,6 +74,11 @@ class TrainingEngine:
         self._export: Optional[WeightExport] = None
         self._sync = Endpoint()
         self.vocab_size = self.hf_config.vocab_size
+        self.micro_batch_tokens = config.micro_batch_tokens or MICRO_BATCH_TOKENS
+        if self.device == "cpu" and config.micro_batch_tokens is None:
+            from rl.trainer import megatron_cpu
+
+            self.micro_batch_tokens = megatron_cpu.MICRO_BATCH_TOKENS
         multiple = config.vocab_pad_multiple * self.layout.tensor_parallel_size
         self.padded_vocab = -(-self.vocab_size // multiple) * multiple
         self.model = build_model(self.hf_config, self.arch, self.layout, self.device, self.padded_vocab,

@@ -14,6 +14,17 @@ Applied only when the training device is CPU (see `TrainingEngine`); on CUDA not
    module sees a `torch` whose `zeros` maps "cuda" to the CPU, and `Tensor.cuda` returns the tensor
    itself (the CPU is the device). `CONFIG_OVERRIDES` turns off the `torch.cuda.synchronize()` after
    batched p2p (a guard for old CUDA PyTorch; gloo's waits are already synchronous).
+5. Micro-batches of `MICRO_BATCH_TOKENS` padded tokens unless `trainer.micro_batch_tokens` says
+   otherwise: on CPU a large micro-batch is slower, not faster. Measured on SmolLM2-135M, 64 sequences
+   of 88 tokens, one train step on 2 cores: 8192 tokens 40.6 s and 15.1 GB peak, 2048 18.1 s,
+   1024 18.1 s and 5.9 GB, 512 20.2 s (its activations outgrow the caches and every step faults
+   fresh pages in from the kernel). On CUDA the default stays 8192.
+6. `PROCESS_ENV` for the trainer rank's process (set when Ray starts it): glibc's allocator keeps
+   freed memory for the next step (no trimming, blocks up to 32 MB from its heap) and asks for huge
+   pages. On our VMs a page touched for the first time costs ~25 us of kernel time, and a train step
+   frees and re-touches gigabytes: measured on SmolLM2 (64 sequences, three train_steps in a row in a
+   colocated run) 39.0 / 29.1 / 19.8 s with 33.7 / 16.5 / 2.0 s of it in the kernel by default,
+   28.9 / 21.6 / 18.9 s (13.8 / 5.2 / 1.0 s) with these settings.
 """
 from __future__ import annotations
 
@@ -28,6 +39,9 @@ from megatron.core.transformer.module import MegatronModule
 _patched = False
 
 CONFIG_OVERRIDES = {"batch_p2p_sync": False}  # TransformerConfig fields set when training on CPU
+MICRO_BATCH_TOKENS = 1024
+PROCESS_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.trim_threshold=68719476736:"
+                                 "glibc.malloc.mmap_threshold=33554432:glibc.malloc.top_pad=268435456"}
 
 
 def patch_current_device() -> None:

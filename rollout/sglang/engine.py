@@ -152,9 +152,10 @@ class RolloutEngine:
         reports = sglang_loader.run_reporting(self.engine, list(named_tensors.items()), sglang_loader.VERIFY_WEIGHTS)
         return sorted({name for report in reports for name in report})
 
-    def worker_visible_devices(self) -> list[Optional[str]]:
-        """CUDA_VISIBLE_DEVICES in each of the engine's worker (scheduler) processes."""
-        return sglang_loader.run_reporting(self.engine, [], sglang_loader.VISIBLE_DEVICES)
+    def worker_settings(self) -> list[dict]:
+        """Each of the engine's worker (scheduler) processes: its CUDA_VISIBLE_DEVICES ("visible_devices")
+        and torch threads ("threads")."""
+        return sglang_loader.run_reporting(self.engine, [], sglang_loader.WORKER_SETTINGS)
 
     def release_memory(self) -> None:
         """Free weights and KV cache while the colocated trainer works (no-op on CPU)."""

@@ -28,9 +28,9 @@ REPORT_KEY = "tandem.verify_report"
 LOAD_BUCKET = "rollout.sglang.loader.load_bucket"
 VERIFY_WEIGHTS = "rollout.sglang.loader.verify_weights"
 RESEED = "rollout.sglang.loader.reseed"
-VISIBLE_DEVICES = "rollout.sglang.loader.visible_devices"
+WORKER_SETTINGS = "rollout.sglang.loader.worker_settings"
 SEED_KEY = "tandem.seed"
-LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS, RESEED, VISIBLE_DEVICES]
+LOADERS = [LOAD_BUCKET, VERIFY_WEIGHTS, RESEED, WORKER_SETTINGS]
 
 
 def encode_bucket(shards: list[tuple[bytes, list[tuple]]]) -> torch.Tensor:
@@ -149,7 +149,8 @@ def reseed(model, named_tensors) -> None:
     torch.manual_seed(seed)
 
 
-def visible_devices(model, named_tensors) -> None:
-    """Report the GPUs this worker process sees (CUDA_VISIBLE_DEVICES): an engine's workers must see
-    exactly its bundles' GPUs."""
-    write_report(dict(named_tensors), os.environ.get("CUDA_VISIBLE_DEVICES"))
+def worker_settings(model, named_tensors) -> None:
+    """Report the GPUs this worker process sees (CUDA_VISIBLE_DEVICES: an engine's workers must see
+    exactly its bundles' GPUs) and its torch threads (the engine's share of the cores)."""
+    write_report(dict(named_tensors), {"visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                       "threads": torch.get_num_threads()})

@@ -32,8 +32,8 @@ def test_nccl_push_reaches_every_engine_and_memory_is_released_around_training(d
     actors = Actors.start(config, demo_model)
     try:
         for j, engine in enumerate(actors.rollout.engines):  # each engine's workers: exactly its GPU
-            assert set(ray.get(engine.worker_visible_devices.remote(), timeout=120)) == {
-                ",".join(actors.placement.engine_gpu_ids(j))}
+            workers = ray.get(engine.worker_settings.remote(), timeout=120)
+            assert {w["visible_devices"] for w in workers} == {",".join(actors.placement.engine_gpu_ids(j))}
         loop = RLLoop(config, actors, AutoTokenizer.from_pretrained(demo_model))
         free_before = torch.cuda.mem_get_info(0)[0]
         actors.rollout.call_all("release_memory")

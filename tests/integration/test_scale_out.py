@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 NODES, GPUS_PER_NODE, CPUS_PER_NODE = 2, 2, 4
 
@@ -58,13 +59,21 @@ def check_placement(actors, world: int, tp: int) -> int:
     trainer_nodes = [_in_actor(t, _node_id) for t in actors.trainers]
     trainer_gpus = [_in_actor(t, _gpu_ids) for t in actors.trainers]
     assert all(len(g) == 1 for g in trainer_gpus)  # one GPU bundle per trainer rank
+    # each rank and engine runs torch on its bundle's share of its node's cores, not Ray's one
+    assert [_in_actor(t, torch.get_num_threads) for t in actors.trainers] == [
+        actors.placement.threads(i) for i in range(len(actors.trainers))]
+    from rl.trainer.megatron_cpu import PROCESS_ENV  # CPU: the allocator keeps memory between steps
+
+    assert {_in_actor(t, lambda: os.environ.get("GLIBC_TUNABLES")) for t in actors.trainers} == {
+        PROCESS_ENV["GLIBC_TUNABLES"]}
     for j, engine in enumerate(actors.rollout.engines):
         ranks = range(j * tp, (j + 1) * tp)  # the trainer ranks in this engine's bundles
         assert {trainer_nodes[i] for i in ranks} == {_in_actor(engine, _node_id)}
         assert _in_actor(engine, _gpu_ids) == trainer_gpus[ranks[0]]  # the actor itself: its first bundle
         expected = ",".join(trainer_gpus[i][0] for i in ranks)
-        workers = ray.get(engine.worker_visible_devices.remote(), timeout=120)
-        assert len(workers) == tp and set(workers) == {expected}, (workers, expected)
+        workers = ray.get(engine.worker_settings.remote(), timeout=120)
+        assert len(workers) == tp and {w["visible_devices"] for w in workers} == {expected}, (workers, expected)
+        assert {w["threads"] for w in workers} == {actors.placement.threads(j * tp)}, workers
     rank0 = _in_actor(actors.trainers[0], _node_ip)
     assert rank0 != "127.0.0.1"  # the simulated nodes share a host: loopback would also have worked
     assert actors.trainer_rendezvous[0] == rank0 and actors.sync.rendezvous[0] == rank0
