@@ -282,7 +282,9 @@ def run_side(side: str, args) -> list[dict]:
                *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("preset", "prompts", "samples", "tokens",
                                                                        "steps", "warmup", "threads", "seed",
                                                                        "reference_rows")]]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    from rl.trainer.megatron_cpu import PROCESS_ENV  # every side gets the allocator settings Tandem's processes get
+
+    subprocess.run(command, check=True, env={**os.environ, **PROCESS_ENV, "OMP_NUM_THREADS": str(args.threads)})
     with open(out) as f:
         return json.load(f)
 

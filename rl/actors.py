@@ -71,18 +71,18 @@ class Actors:
                                f"trainer ranks span {len(nodes)} nodes: use broadcast or reduce_scatter")
         device = resolve_device(config.cluster.device)
         trainer_cls = ray.remote(TrainingEngine)
-        trainer_env = None
+        process_env = None  # the trainer ranks' processes (the engines' showed no gain: docs/performance.md)
         if device == "cpu":
             from rl.trainer import megatron_cpu
 
-            trainer_env = {"env_vars": megatron_cpu.PROCESS_ENV}  # read by glibc when the process starts
+            process_env = {"env_vars": megatron_cpu.PROCESS_ENV}  # read by glibc when a process starts
         trainer_args = dict(device=device, seed=config.trainer.seed + config.seed,
                             lr_decay_steps=config.steps * config.algorithm.updates_per_step)
 
         def start_trainers() -> tuple[list, tuple[str, int]]:
             address, port = placement.rendezvous(0, timeout)  # rank 0's node, a port picked there
             return [trainer_cls.options(num_cpus=1, num_gpus=SHARE, scheduling_strategy=placement.strategy(rank),
-                                        runtime_env=trainer_env).remote(
+                                        runtime_env=process_env).remote(
                 model_path, config.trainer, rank=rank, master_addr=address, master_port=port,
                 threads=placement.threads(rank), **trainer_args)
                 for rank in range(world)], (address, port)

@@ -1,9 +1,11 @@
 """Splitting a minibatch of samples into padded micro-batches by a token budget, per data-parallel rank.
 
 Every DP rank gets the same number of micro-batches with the same shapes: micro-batch j is a run of
-consecutive samples, dealt round-robin to the DP ranks and padded with empty rows (weight 0, no loss
-tokens) to equal size. Equal shapes matter because MoE layers all-gather tokens across expert-parallel
-ranks, which are data-parallel ranks too. The token budget bounds each rank's padded rows x width.
+samples consecutive in length order (rows of one micro-batch are of similar length, so little of it
+is padding; each row keeps its index in the minibatch), dealt round-robin to the DP ranks and padded
+with empty rows (weight 0, no loss tokens) to equal size. Equal shapes matter because MoE layers
+all-gather tokens across expert-parallel ranks, which are data-parallel ranks too. The token budget
+bounds each rank's padded rows x width.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _round_up(n: int, multiple: int) -> int:
 def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], dp_size: int, dp_rank: int,
                         token_budget: int, width_multiple: int = 1, uniform: bool = False,
                         version: Optional[int] = None) -> list[MicroBatch]:
-    """This DP rank's micro-batches of `samples` (in order), each within `token_budget` padded tokens
+    """This DP rank's micro-batches of `samples` (by length), each within `token_budget` padded tokens
     per rank where possible (a single over-long sample still gets a micro-batch of its own). `version`:
     the weight version whose sampled tokens are marked `fresh`.
 
@@ -50,7 +52,9 @@ def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], 
         raise ValueError("split_micro_batches: no samples")
     runs: list[list[int]] = [[]]
     width = 0
-    for i, s in enumerate(samples):
+    by_length = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens))
+    for i in by_length:
+        s = samples[i]
         new_width = _round_up(max(width, len(s.tokens)), width_multiple)
         rows = -(-(len(runs[-1]) + 1) // dp_size)
         if runs[-1] and rows * new_width > token_budget:

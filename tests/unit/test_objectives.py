@@ -288,9 +288,13 @@ def test_micro_batches_carry_token_masks_temperatures_and_ptx_rows():
                      token_versions=[3, 3, 4], loss_mask=[0.0, 0.0, 1.0], temperature=0.7,
                      rollout_logprobs=[-0.1, -0.2, -0.3], old_logprobs=[-0.4, -0.5, -0.6])
     demo = Sample(group_id=-1, prompt="", prompt_ids=[5], reference="", response_ids=[7, 2], ptx=True)
-    batch, = split_micro_batches([partial, demo], None, dp_size=1, dp_rank=0, token_budget=100)
+    batch, = split_micro_batches([partial, demo], None, dp_size=1, dp_rank=0, token_budget=100, version=4)
+    assert batch.index.tolist() == [1, 0]  # rows by length (less padding), each with its minibatch index
     # next-token alignment: response token j of a prompt of length P sits at column P - 1 + j
-    assert batch.loss_mask.tolist() == [[0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
-    assert batch.rollout_logprobs[0, 1:].tolist() == pytest.approx([-0.1, -0.2, -0.3])
-    assert batch.old_logprobs[0, 1:].tolist() == pytest.approx([-0.4, -0.5, -0.6])
-    assert batch.temperature.tolist() == pytest.approx([0.7, 1.0]) and batch.ptx.tolist() == [0.0, 1.0]
+    assert batch.loss_mask.tolist() == [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    assert batch.rollout_logprobs[1, 1:].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert batch.old_logprobs[1, 1:].tolist() == pytest.approx([-0.4, -0.5, -0.6])
+    assert batch.temperature.tolist() == pytest.approx([1.0, 0.7]) and batch.ptx.tolist() == [1.0, 0.0]
+    assert batch.old_given.tolist() == [1.0, 1.0]  # both bring pi_old: the demo needs none
+    assert batch.fresh.tolist() == [[0.0] * 4, [0.0, 0.0, 0.0, 1.0]]  # trained tokens version 4 sampled
+    assert batch.first == 0  # the demo's prompt has one token: its logits are needed from position 0
