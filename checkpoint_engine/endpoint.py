@@ -86,6 +86,8 @@ class Endpoint:
         return self.member.push(version, produce, deliver)
 
     def teardown(self) -> None:
-        group, self.group, self.member = self.group, None, None
+        group, member, self.group, self.member = self.group, self.member, None, None
+        if member is not None:
+            member.release()
         if group is not None:
             group.close()

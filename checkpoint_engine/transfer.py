@@ -50,6 +50,7 @@ def _buffer(nbytes: int, device: str) -> torch.Tensor:
     return buf.share_memory_()
 
 
+
 class TransferMember:
     def __init__(self, group: Optional[SyncGroup], plan: list[Bucket], mode: str, num_sources: int,
                  verify: bool = True, rank: Optional[int] = None, device: str = "cpu"):
@@ -69,6 +70,12 @@ class TransferMember:
     @property
     def buffer_bytes(self) -> int:
         return sum(s.numel() for s in self.slots + self.send_slots)
+
+    def release(self) -> None:
+        """Give the slot buffers back; no push after this. On CPU torch removes a buffer's shared-memory
+        file when its last user frees it, which a process killed at shutdown never does: each file
+        would hold a slot's worth of RAM until the machine restarts."""
+        self.slots, self.send_slots = [], []
 
     # --- one bucket --------------------------------------------------------------------------------
     def _fill(self, bucket: Bucket, slot: int, tensors: dict[str, torch.Tensor]) -> None:

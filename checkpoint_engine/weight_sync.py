@@ -116,6 +116,10 @@ class WeightSync:
             except Exception:
                 pass  # a dead trainer fails the run elsewhere
         for r in self.receivers:
+            try:  # its buffers' shared-memory files go with it (ray.kill alone would leave them)
+                ray.get(r.teardown.remote(), timeout=self.timeout_s)
+            except Exception:
+                pass
             ray.kill(r)
         self.receivers, self.plan = [], None
 
