@@ -81,6 +81,22 @@ def check_placement(actors, world: int, tp: int) -> int:
     return len(set(trainer_nodes))
 
 
+def wait_until_released(timeout_s: float = 60.0) -> None:
+    """Until the cluster's CPUs and GPUs are all free again: the previous test's actors and placement
+    group are released asynchronously, and `pack` places over two nodes while one is partly held."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    total = ray.cluster_resources()
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= total[k] for k in ("CPU", "GPU")):
+            return
+        time.sleep(0.5)
+
+
 def run_steps(ray_cluster, demo_model, run_dir, steps=2, **overrides):
     """`steps` RL steps; after each push every engine's weights are compared with the trainer's.
     Returns the metrics, each step's samples (group, response ids) and the nodes the trainers span."""
@@ -98,6 +114,7 @@ def run_steps(ray_cluster, demo_model, run_dir, steps=2, **overrides):
         "sync": {"verify_full": True, "bucket_mb": 0.05, **overrides.pop("sync", {})},
         **overrides,
     })
+    wait_until_released()
     actors = Actors.start(config, demo_model)
     loop = None
     try:
