@@ -6,7 +6,9 @@ positions s*P .. s*P+P-1), K samples a prompt, the same cap on new tokens, the s
 steps in a fresh process of its own. Reported: the median step and its parts, and ratios.
 
 - tandem: the RL loop (rl/loop.py) on a local Ray cluster: generate + score, train, weight sync.
-- sglang: one `sglang.Engine.generate` of the step's P*K requests (with logprobs, as Tandem asks).
+- sglang: one `sglang.Engine.generate` of the step's P*K requests (with logprobs, as Tandem asks), on an
+  empty prefix cache (an RL step's engine has new weights); also reported: the same on the cache the
+  previous step left.
 - megatron: one forward + backward + optimizer step of the sglang side's sequences: Megatron's
   forward-backward schedule and its own cross entropy over every position (as in pre-training) on the
   trainer's model and optimizer (no objective, no pi_old, no trimming of the logits).
@@ -91,7 +93,7 @@ def timed_steps(args, one_step) -> list[dict]:
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
         parts = one_step(step)
-        rows.append({"step": time.perf_counter() - start, **parts})
+        rows.append({"step": time.perf_counter() - start, **parts})  # a side may time its step itself
     return rows[args.warmup:]
 
 
@@ -139,7 +141,20 @@ def side_sglang(args) -> list[dict]:
         outs = engine.generate(input_ids=ids, sampling_params=params, return_logprob=True)
         sequences.append([(list(i), list(o["output_ids"])) for i, o in zip(ids, outs)])
         return {"tokens": sum(len(o["output_ids"]) for o in outs)}
-    rows = timed_steps(args, one_step)
+
+    def step_both_ways(step):
+        """The step's requests twice: on the cache as the previous step left it (the shared prefixes of
+        its prompts, as a long-running server's would hold them), then, as timed, on an empty cache:
+        after a weight update an RL step's engine must drop its cached prefixes."""
+        start = time.perf_counter()
+        one_step(step)
+        sequences.pop()
+        kept_cache = time.perf_counter() - start
+        engine.flush_cache()
+        start = time.perf_counter()
+        parts = one_step(step)
+        return {**parts, "step": time.perf_counter() - start, "kept_cache": kept_cache}
+    rows = timed_steps(args, step_both_ways)
     engine.shutdown()
     with open(os.path.join(args.work, "sequences.json"), "w") as f:
         json.dump(sequences, f)
@@ -315,6 +330,11 @@ def table(results: dict[str, list[dict]], args) -> str:
                  f"{tandem - engines:+.2f} s, {100 * overhead:.1f}% of its step "
                  f"(its parts: reward {median(results['tandem'], 'reward'):.2f} s, "
                  f"sync {median(results['tandem'], 'sync'):.2f} s).")
+    if "sglang" in results:
+        kept = median(results["sglang"], "kept_cache")
+        kept_overhead = (tandem - kept - median(results["megatron"], "step")) / tandem
+        lines.append(f"The bare engine on the cache the previous step left (stale after a weight update): "
+                     f"{kept:.2f} s; with it the overhead would be {100 * kept_overhead:.1f}%.")
     return "\n".join(lines)
 
 

@@ -48,6 +48,10 @@ class RolloutConfig:
     # An idle SGLang scheduler polls its sockets in a busy loop, taking a core from the colocated
     # trainer while it works; sleeping on idle gives it back (measured: docs/performance.md).
     sleep_on_idle: bool = True
+    # Prefill each prompt once before its group's K samples are generated, so they read its KV from
+    # the prefix cache (emptied by every weight update) instead of each prefilling it again: what
+    # SGLang does itself for one request with n > 1 (measured: docs/performance.md).
+    prefill_shared_prompts: bool = True
 
     def check(self) -> None:
         if self.max_total_tokens < self.max_new_tokens:

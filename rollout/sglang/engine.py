@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from typing import Optional, Union
 
 import torch
@@ -63,6 +64,7 @@ class RolloutEngine:
         self.tokenizer = self.engine.tokenizer_manager.tokenizer
         self.weight_version = 0
         self.can_release_memory = self.device != "cpu" and release_memory_during_train
+        self.prefill_shared_prompts = config.prefill_shared_prompts
 
     def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]],
                  seeds: Optional[list[int]] = None) -> list[Sample]:
@@ -76,6 +78,8 @@ class RolloutEngine:
         if seeds is not None and self.seeded_requests:
             for p, seed in zip(params, seeds):
                 p["sampling_seed"] = seed
+        if self.prefill_shared_prompts:
+            self.prefill_shared(samples)
         outputs = self.engine.generate(input_ids=[s.tokens for s in samples], sampling_params=params,
                                        return_logprob=True)
         for s, out in zip(samples, outputs):
@@ -87,6 +91,15 @@ class RolloutEngine:
             s.finish_reason = out["meta_info"]["finish_reason"]["type"]
             s.weight_version = self.weight_version
         return samples
+
+    def prefill_shared(self, samples: list[Sample]) -> None:
+        """Prefill every prompt that several samples share, once (no token generated), so that their
+        generation finds it in SGLang's prefix cache: with the default first-come scheduling the K
+        copies of a prompt arriving together would each prefill it."""
+        counts = Counter(tuple(s.prompt_ids) for s in samples)
+        shared = [list(ids) for ids, n in counts.items() if n > 1]
+        if shared:
+            self.engine.generate(input_ids=shared, sampling_params={"max_new_tokens": 0})
 
     def generate_turns(self, requests: list[dict]) -> list[dict]:
         """One agent turn per request, token-in/token-out: each request has `input_ids`, `max_new_tokens`,

@@ -66,3 +66,29 @@ def test_greedy_continuation_equals_hf_on_a_dense_qwen3(engine_factory, tmp_path
             out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
                               pad_token_id=0, eos_token_id=None)
         assert sglang_ids and sglang_ids[:8] == out[0, len(ids):].tolist()[:len(sglang_ids)]
+
+
+@pytest.mark.integration
+def test_the_samples_of_a_prompt_read_it_from_the_prefix_cache(demo_model, engine_factory):
+    """rollout.prefill_shared_prompts: once a weight update has emptied the prefix cache, a prompt that
+    several samples share is prefilled once and each of them finds it cached; without that, the copies
+    arriving together each prefill it (SGLang's default first-come scheduling)."""
+    from rl.sample import Sample
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    shared, single = tokenizer.encode("12+34="), tokenizer.encode("7+8=")
+    samples = [Sample(group_id=0, prompt="", prompt_ids=shared, reference="") for _ in range(4)]
+    samples.append(Sample(group_id=1, prompt="", prompt_ids=single, reference=""))
+    engine = engine_factory(demo_model)
+
+    def cached_tokens(prefill: bool) -> list[int]:
+        assert engine.engine.flush_cache().success
+        if prefill:
+            engine.prefill_shared(samples)
+        outs = engine.engine.generate(input_ids=[s.prompt_ids for s in samples], sampling_params={"max_new_tokens": 1})
+        return [o["meta_info"]["cached_tokens"] for o in outs]
+
+    assert cached_tokens(prefill=False) == [0] * 5
+    with_prefill = cached_tokens(prefill=True)
+    assert all(n >= len(shared) - 1 for n in with_prefill[:4]) and with_prefill[4] == 0, with_prefill
+    assert engine.prefill_shared_prompts  # the default: RolloutEngine.generate does this for every batch
