@@ -41,7 +41,8 @@ def main() -> None:
     import datasets
 
     from rl.data.config import TaskConfig, TaskFamilyConfig
-    from rl.data.prompts import Family, load_records
+    from rl.data.prompt_files import load_records
+    from rl.data.prompts import Family
 
     print(f"{'rows':>9} {'load s':>7} {'RSS +MB':>8} {'first draw ms':>14} {'per draw us':>12} "
           f"{'old: load s':>11} {'old: RSS +MB':>12} {'old: per draw ms':>16}")

@@ -201,4 +201,6 @@ class Collector:
                       "groups_trained": float(len({s.group_id for s in kept})), "reward_seconds": scoring,
                       "groups_in_flight": float(len(self.in_flight)),
                       "mixed_version_samples": float(sum(len(set(s.token_versions)) > 1 for s in kept)), **shaping,
+                      **({"data_rows_skipped": float(self.prompts.skipped_rows)}
+                         if self.config.data.on_bad_row == "skip" else {}),
                       **failures, **part_means(kept)}

@@ -26,7 +26,8 @@ from rl.algo.config import AlgorithmConfig, BudgetConfig, PTXConfig
 from rl.algo.ptx import PTX_FIELDS
 from rl.algo.schedules import SCHEDULES
 from rl.data.config import DataConfig, EvalConfig, TaskConfig, TaskFamilyConfig
-from rl.data.prompts import Family, chat_messages, load_records, load_table
+from rl.data.prompt_files import checked_table, load_records
+from rl.data.prompts import Family
 from rl.demo.config import ModelConfig, WarmStartConfig
 from rl.demo.tiny_model import TOKENIZERS
 from rl.trainer.checkpoint import MARKER as CHECKPOINT_MARKER
@@ -263,11 +264,11 @@ def _validate_layouts(c: Config) -> None:
              c.sync.transport)
 
 
-def _readable_records(path: str, fields: tuple[str, ...], setting: str, load=load_records):
-    """`load` (load_records, or load_table), with any failure (a missing field, named; a file datasets
-    cannot read) as a one-line ConfigError naming `setting`."""
+def _readable_records(path: str, fields: tuple[str, ...], setting: str):
+    """`load_records`, with any failure (a missing field, named; a file datasets cannot read) as a
+    one-line ConfigError naming `setting`."""
     try:
-        return load(path, fields, setting)
+        return load_records(path, fields, setting)
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(message if message.startswith(f"{setting}:") else f"{setting}: {message}") from None
@@ -283,26 +284,39 @@ def _validate_data(c: Config) -> None:
         for setting, path in ((f"{key}.path", f.path), (f"{key}.eval_path", f.eval_path)):
             if path is not None:
                 _require(os.path.exists(path), setting, "does not exist", path)
-                _check_rows(f, path, setting)
+                _check_rows(c, f, path, setting)
 
 
-def _check_rows(f, path: str, setting: str) -> None:
-    """One pass over a prompt file's rows, a batch at a time: prompts and budgets, errors naming the row."""
-    table = _readable_records(path, Family.fields(f), setting, load=load_table)
-    _require(len(table) > 0, setting, "holds no rows", path)
-    batch_rows = 10_000
-    for first in range(0, len(table), batch_rows):
-        batch = table[first:first + batch_rows]
-        for i, value in enumerate(batch[f.prompt_field], start=first):
-            try:
-                chat_messages(value, f.system_prompt, f.chat, f"{setting} row {i}: {f.prompt_field}")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        if f.budget_field:
-            bad = next(((i, b) for i, b in enumerate(batch[f.budget_field], start=first)
-                        if not (isinstance(b, int) and b >= 1)), None)
-            _require(bad is None, setting.rsplit(".", 1)[0] + ".budget_field",
-                     f"every row's budget must be an integer >= 1 (row {bad[0] if bad else ''})", bad and bad[1])
+def _check_rows(c: Config, f: TaskFamilyConfig, path: str, setting: str) -> None:
+    """One pass over a prompt file's rows (rl/data/prompt_files.py): every row's prompt (present, text or
+    chat messages, not empty, short enough for the context), answer and budget; a bad row is a one-line
+    error naming the file, line and field (data.on_bad_row = error) or is left out (skip)."""
+    budget = f.max_new_tokens or c.rollout.max_new_tokens
+    context = AutoConfig.from_pretrained(c.model.path).max_position_embeddings if c.model.path \
+        else c.model.max_position_embeddings
+    rules = Family.rules(f, max(1, min(context, c.rollout.max_total_tokens) - budget))
+    try:
+        checked_table(path, Family.fields(f), rules, setting, c.data.on_bad_row, _token_counter(c))
+    except ValueError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def _token_counter(c: Config):
+    """A prompt's length in the run's tokens (text, or chat messages through the chat template); the
+    tokenizer is loaded at the first call (only prompts longer in bytes than the limit are counted)."""
+    tokenizer = []
+
+    def count(prompt) -> int:
+        if not tokenizer:
+            from transformers import AutoTokenizer
+
+            from rl.demo.tiny_model import build_tokenizer
+            tokenizer.append(AutoTokenizer.from_pretrained(c.model.path) if c.model.path
+                             else build_tokenizer(TOKENIZERS[c.model.tokenizer]))
+        if isinstance(prompt, str):
+            return len(tokenizer[0].encode(prompt))
+        return len(tokenizer[0].apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+    return count
 
 
 def _validate_rewards(c: Config) -> None:

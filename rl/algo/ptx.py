@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from rl.data.prompts import load_records
+from rl.data.prompt_files import load_records
 from rl.data.tasks import AdditionTask
 from rl.sample import Sample
 

@@ -63,6 +63,10 @@ class DataConfig:
     train_files: Optional[str] = None
     val_files: Optional[str] = None
     prompt_key: str = "prompt"  # a string or a list of chat messages
+    # A prompt file's bad row (bad JSON, a missing, empty or too long prompt, a missing answer: see
+    # rl/data/prompt_files.py): error = stop before any engine starts, naming file, line and field;
+    # skip = leave it out, count it (the data_rows_skipped metric) and go on.
+    on_bad_row: str = field(default="error", metadata={"choices": ("error", "skip")})
 
     def check(self) -> None:
         if self.val_files is not None and self.train_files is None:

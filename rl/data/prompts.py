@@ -23,9 +23,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from rl.data.prompt_files import RowRules, chat_messages, checked_table
 from rl.data.tasks import AdditionTask
-
-ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -37,26 +36,6 @@ class Prompt:
     max_new_tokens: Optional[int] = None  # this prompt's token budget; None: the family's or the rollout's
     metadata: dict[str, Any] = field(default_factory=dict)  # the row's `metadata_fields`, for rewards
     messages: Optional[list[dict]] = None  # chat messages, rendered with the chat template; None: `prompt`
-
-
-def chat_messages(value: Any, system_prompt: Optional[str], chat: bool, where: str) -> Optional[list[dict]]:
-    """A row's prompt as chat messages (None: plain text). Anything but a string or a list of
-    {role, content} messages raises ValueError naming `where` (never silently turned into text)."""
-    if isinstance(value, str):
-        if not (chat or system_prompt):
-            return None
-        messages = [{"role": "user", "content": value}]
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
-        bad = next((m for m in value if m.get("role") not in ROLES or not isinstance(m.get("content"), str)), None)
-        if bad is not None:
-            raise ValueError(f"{where}: a chat message needs a role in {ROLES} and a string content (got {bad!r})")
-        messages = [{"role": m["role"], "content": m["content"]} for m in value]
-    else:
-        raise ValueError(f"{where}: must be a string or a list of chat messages ({{role, content}}), "
-                         f"got {type(value).__name__}: {str(value)[:80]!r}")
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> tuple[str, list[int]]:
@@ -71,31 +50,6 @@ def encode_prompt(tokenizer, prompt: Prompt) -> tuple[str, list[int]]:
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def load_table(path: str, fields: tuple[str, ...], setting: str):
-    """A .jsonl/.json or .parquet file, or a directory saved by `datasets`, as a `datasets.Dataset` of
-    `fields` (Arrow, memory-mapped: rows are read when indexed); a missing field raises ValueError
-    naming `setting` and the field."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    if path.endswith((".jsonl", ".json", ".parquet")):
-        table = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path,
-                                      split="train")
-    else:
-        table = datasets.load_from_disk(path)
-        if isinstance(table, datasets.DatasetDict):
-            table = table["train"]
-    missing = [f for f in fields if f not in table.column_names]
-    if missing:
-        raise ValueError(f"{setting}: {path} has no field {missing[0]!r} (fields: {table.column_names})")
-    return table.select_columns(list(dict.fromkeys(fields)))
-
-
-def load_records(path: str, fields: tuple[str, ...], setting: str) -> list[dict]:
-    """`load_table`'s rows as dicts (for small files read whole, such as PTX demonstrations)."""
-    return [dict(row) for row in load_table(path, fields, setting)]
-
-
 def generated_task(task):
     """The generated task of `task` (rl.config.TaskConfig): the demo addition, or an environment's tasks."""
     if task.name == "addition":
@@ -106,15 +60,28 @@ def generated_task(task):
 
 
 class Family:
-    def __init__(self, name: str, config, task, seed: int):
-        """`config`: an rl.config.TaskFamilyConfig; `task`: the rl.config.TaskConfig of the generated task."""
+    def __init__(self, name: str, config, task, seed: int, on_bad_row: str = "error"):
+        """`config`: an rl.config.TaskFamilyConfig; `task`: the rl.config.TaskConfig of the generated task;
+        `on_bad_row`: data.on_bad_row (rl/data/prompt_files.py)."""
         self.name, self.config, self.seed = name, config, seed
         self.task = generated_task(task) if config.path is None else None
-        fields = self.fields(config)
-        self.rows = None if config.path is None else load_table(config.path, fields, self.setting)
-        self.eval_rows = None if config.eval_path is None else load_table(config.eval_path, fields,
-                                                                            f"data.families.{name}.eval_path")
+        self.skipped_rows = 0  # bad rows left out of its files (data.on_bad_row = skip)
+        self.rows = self._table(config.path, self.setting, on_bad_row)
+        self.eval_rows = self._table(config.eval_path, f"data.families.{name}.eval_path", on_bad_row)
         self._order: tuple[int, Optional[np.ndarray]] = (-1, None)  # (epoch, its permutation)
+
+    def _table(self, path, setting: str, on_bad_row: str):
+        """A prompt file's checked rows (config validation checked it already: this reuses its result)."""
+        if path is None:
+            return None
+        checked = checked_table(path, self.fields(self.config), self.rules(self.config), setting, on_bad_row)
+        self.skipped_rows += len(checked.skipped)
+        return checked.table
+
+    @staticmethod
+    def rules(config, max_prompt_tokens=None) -> RowRules:
+        return RowRules(config.prompt_field, config.answer_field, config.budget_field, config.system_prompt,
+                        config.chat, max_prompt_tokens)
 
     @property
     def setting(self) -> str:
@@ -159,10 +126,15 @@ class PromptSource:
     """The run's prompt stream over its task families (`rl.config.DataConfig`)."""
 
     def __init__(self, data, task, seed: int):
-        self.families = [Family(name, cfg, task, seed) for name, cfg in data.families.items()]
+        self.families = [Family(name, cfg, task, seed, data.on_bad_row) for name, cfg in data.families.items()]
         self.weights = [cfg.weight for cfg in data.families.values()]
         self.seed = seed
         self._counted_to, self._counts = 0, [0] * len(self.families)  # draws per family before `_counted_to`
+
+    @property
+    def skipped_rows(self) -> int:
+        """Bad rows left out of the families' files (data.on_bad_row = skip)."""
+        return sum(f.skipped_rows for f in self.families)
 
     def _family(self, position: int) -> int:
         if len(self.families) == 1:

@@ -35,7 +35,9 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
     steps = 2 * len(CASES)
     prompt_set = tmp_path / "small.jsonl"
     prompt_set.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1], "kind": "small-sum",
-                                              "budget": 3}) + "\n" for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]))
+                                              "budget": 3}) + "\n" for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)])
+                          + '{"prompt": "9+9=", "answer": \n' + json.dumps({"prompt": "", "answer": "1", "kind": "small-sum",
+                                                                           "budget": 3}) + "\n")  # two bad rows, skipped
     demonstrations = tmp_path / "curated.jsonl"  # the PTX data, alongside every objective
     demonstrations.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)[::-1]}) + "\n"
                                       for a, b in [(12, 30), (45, 9), (7, 7), (60, 21)]))
@@ -47,7 +49,8 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
         # two task families: the generated additions, and a prompt set whose rows carry a type and a budget
         # (the prompt set samples at its own constant temperature, mixed in one batch with the others)
         "data": {"families": {"addition": {}, "small": {"path": str(prompt_set), "budget_field": "budget",
-                                                        "type_field": "kind", "weight": 0.5, "temperature": 0.8}}},
+                                                        "type_field": "kind", "weight": 0.5, "temperature": 0.8}},
+                 "on_bad_row": "skip"},
         # the prompt set's type is scored by math-verify; a reward that hangs (in a process, killed at its
         # timeout) and one that raises ride along at weight 0: their samples get the fallback and a reason
         "rewards": {"task_types": {"small-sum": [
@@ -77,6 +80,7 @@ def test_each_objective_runs_two_steps_with_the_real_engines(demo_model, tmp_pat
         assert m["temperature/small"] == pytest.approx(0.8), (objective, m)
         assert m["logprob_mismatch_max"] <= MISMATCH_TOLERANCE, (objective, m)
         assert 0 < m["ptx_loss"] < 20, (objective, m)
+        assert m["data_rows_skipped"] == 2, (objective, m)  # data.on_bad_row=skip: counted, and the run goes on
     grpo = [m for objective, m in metrics if objective == "grpo"]
     for m in grpo:  # dynamic sampling kept only groups with differing rewards, refilling when it could
         assert 1 <= m["sampling_rounds"] <= 3 and m["groups_trained"] <= 8

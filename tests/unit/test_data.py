@@ -7,7 +7,8 @@ import pytest
 
 from rl.config import ConfigError, load_config
 from rl.data.config import DataConfig, TaskConfig, TaskFamilyConfig
-from rl.data.prompts import PromptSource, load_records
+from rl.data.prompt_files import load_records
+from rl.data.prompts import PromptSource
 from rl.data.tasks import AdditionTask
 
 ROWS = [{"question": f"q{i}", "solution": str(i), "kind": "math" if i % 2 else "logic", "limit": 2 + i % 3}
@@ -75,7 +76,7 @@ def test_held_out_prompts_come_from_the_generated_families_only(prompt_set):
 
 @pytest.mark.parametrize("family, field", [
     ({"answer_field": "answer"}, "data.families.set.path: .* has no field 'answer'"),
-    ({"budget_field": "question"}, "data.families.set.budget_field: every row's budget must be an integer"),
+    ({"budget_field": "question"}, r"data.families.set.path: .* line 1: question: must be an integer >= 1, got 'q0'"),
     ({"weight": 0.0}, "data.families.set.weight: must be > 0"),
     ({"max_new_tokens": 0}, "data.families.set.max_new_tokens: must be in"),
     ({"temperature": 0.0}, "data.families.set.temperature: must be > 0"),
@@ -141,9 +142,8 @@ def test_chat_message_prompts_render_with_the_chat_template_and_no_second_bos(tm
 @pytest.mark.parametrize("value", [7, {"role": "user", "content": "hi"}, [{"role": "robot", "content": "hi"}]])
 def test_a_prompt_that_is_neither_text_nor_messages_is_named(tmp_path, value):
     path = _write(tmp_path / "bad.jsonl", [{"question": value, "solution": "1"}])
-    source = PromptSource(DataConfig(families={"bad": _family(path)}), TaskConfig(), seed=0)
-    with pytest.raises(ValueError, match=r"data.families.bad.path row 0: question"):
-        source.prompts(0, 1)
+    with pytest.raises(ValueError, match=r"^data.families.bad.path: .*bad.jsonl line 1: question: "):
+        PromptSource(DataConfig(families={"bad": _family(path)}), TaskConfig(), seed=0)
 
 
 def test_eval_path_rows_are_the_families_held_out_prompts(tmp_path, prompt_set):
@@ -181,5 +181,5 @@ def test_config_validation_names_the_first_bad_prompt_row(tmp_path):
     path = _write(tmp_path / "rows.jsonl", [{"question": "fine", "solution": "1"}, {"question": "also", "solution": "2"},
                                             {"question": 7, "solution": "3"}])
     family = {"path": path, "prompt_field": "question", "answer_field": "solution"}
-    with pytest.raises(ConfigError, match=r"^data.families.set.path row 2: question: must be a string or a list"):
+    with pytest.raises(ConfigError, match=r"^data.families.set.path: .*rows.jsonl line 3: question: must be a string or a list"):
         load_config({"data": {"families": {"set": family}}})
