@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
 ROLES = ("system", "user", "assistant", "tool")
 BATCH_ROWS = 10_000  # rows read from the Arrow table at a time
+# At most what a chat template adds around one message (role markers, separators; ChatML: about 5),
+# so only prompts that may be too long are tokenized.
+TEMPLATE_TOKENS_PER_MESSAGE = 64
 
 
 def load_table(path: str, fields: tuple[str, ...], setting: str):
@@ -114,8 +117,8 @@ def checked_table(path: str, fields: tuple[str, ...], rules: RowRules, setting: 
                   count_tokens: Optional[Callable[[Any], int]] = None) -> CheckedTable:
     """The file's table with every row checked; bad rows raise ValueError naming `setting`, file, line
     and field (`error`), or are left out and listed (`skip`). `count_tokens(prompt value)`: the
-    prompt's length in tokens, asked only of prompts whose UTF-8 size exceeds `max_prompt_tokens`
-    (a token is at least one byte). Kept per (file, its size and time, fields, rules, policy): a
+    prompt's length in tokens, asked only of prompts that may exceed `max_prompt_tokens` (a token is
+    at least one byte; chat messages get the template's allowance). Kept per (file, its size and time, fields, rules, policy): a
     later call for the same file gets the first call's result, token check included."""
     stat = os.stat(path)
     # the token limit is not in the key: the run's first check (config validation) sets it
@@ -183,7 +186,9 @@ def row_problem(row: dict, rules: RowRules, count_tokens: Optional[Callable[[Any
     if not text.strip():
         return f"{rules.prompt_field}: empty"
     limit = rules.max_prompt_tokens
-    if limit is not None and len(text.encode()) > limit and count_tokens is not None:
+    # a token is at least a byte of the text; the chat template adds its own tokens around each message
+    upper_bound = len(text.encode()) + (0 if messages is None else TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 1))
+    if limit is not None and upper_bound > limit and count_tokens is not None:
         tokens = count_tokens(value if messages is None else messages)
         if tokens > limit:
             return (f"{rules.prompt_field}: {tokens} tokens, more than the {limit} the context leaves after the "

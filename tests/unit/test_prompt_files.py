@@ -91,3 +91,16 @@ def test_a_bad_line_of_the_ptx_file_is_named(tmp_path):
     path.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": \n')
     with pytest.raises(ConfigError, match=rf"^ptx.path: {path} line 2: not JSON"):
         load_config({"ptx": {"coef": 0.1, "path": str(path)}})
+
+
+def test_a_chat_prompt_is_counted_with_its_template(tmp_path):
+    """90 bytes of content, which the template takes past a 100-token limit: counted, and named."""
+    from rl.data.prompt_files import RowRules, checked_table
+
+    path = tmp_path / "chat.jsonl"
+    messages = [{"role": "user", "content": "x" * 90}]
+    path.write_text(json.dumps({"prompt": messages, "answer": "1"}) + "\n")
+    with_template = lambda m: sum(len(x["content"]) for x in m) + 20  # noqa: E731 - a template's tokens
+    with pytest.raises(ValueError, match=r"line 1: prompt: 110 tokens, more than the 100"):
+        checked_table(str(path), ("prompt", "answer"), RowRules("prompt", "answer", None, None, False, 100),
+                      "data.families.chat.path", count_tokens=with_template)
