@@ -126,6 +126,7 @@ def side_sglang(args) -> list[dict]:
     import sglang
 
     from rollout.sglang import cpu as sglang_cpu
+    from rollout.sglang.engine import prefill_shared_prompts
 
     config, path, tokenizer = load(args)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -135,8 +136,11 @@ def side_sglang(args) -> list[dict]:
                            **sglang_cpu.engine_kwargs(1))
     sequences = []
 
+    def step_ids(step):
+        return [p_ids for _p, _text, p_ids in step_prompts(config, tokenizer, step) for _ in range(args.samples)]
+
     def one_step(step):
-        ids = [p_ids for _p, _text, p_ids in step_prompts(config, tokenizer, step) for _ in range(args.samples)]
+        ids = step_ids(step)
         params = {"temperature": config.rollout.temperature, "max_new_tokens": args.tokens}
         outs = engine.generate(input_ids=ids, sampling_params=params, return_logprob=True)
         sequences.append([(list(i), list(o["output_ids"])) for i, o in zip(ids, outs)])
@@ -153,8 +157,7 @@ def side_sglang(args) -> list[dict]:
                 engine.flush_cache()
             start = time.perf_counter()
             if prepare == "prefill":
-                shared = [list(ids) for ids in dict.fromkeys(tuple(p) for _p, _t, p in step_prompts(config, tokenizer, step))]
-                engine.generate(input_ids=shared, sampling_params={"max_new_tokens": 0})
+                prefill_shared_prompts(engine, step_ids(step))
             parts = one_step(step)
             return time.perf_counter() - start, parts
         kept_cache, _ = timed()

@@ -50,7 +50,6 @@ def _buffer(nbytes: int, device: str) -> torch.Tensor:
     return buf.share_memory_()
 
 
-
 class TransferMember:
     def __init__(self, group: Optional[SyncGroup], plan: list[Bucket], mode: str, num_sources: int,
                  verify: bool = True, rank: Optional[int] = None, device: str = "cpu"):

@@ -26,6 +26,16 @@ def _export_repo_to_workers() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([*paths, REPO_ROOT])
 
 
+def prefill_shared_prompts(engine, prompts: list[list[int]]) -> None:
+    """Prefill every prompt that appears more than once in `prompts`, once (no token generated), on the
+    SGLang `engine`, so that their generation finds it in the prefix cache: with SGLang's default
+    first-come scheduling the K copies of a prompt arriving together would each prefill it."""
+    counts = Counter(tuple(ids) for ids in prompts)
+    shared = [list(ids) for ids, n in counts.items() if n > 1]
+    if shared:
+        engine.generate(input_ids=shared, sampling_params={"max_new_tokens": 0})
+
+
 class RolloutEngine:
     def __init__(self, model_path: str, config: Optional[RolloutConfig] = None, device: str = "auto", seed: int = 0,
                  dtype: str = "float32", gpu_ids: Optional[list[str]] = None, threads: Optional[int] = None):
@@ -93,13 +103,8 @@ class RolloutEngine:
         return samples
 
     def prefill_shared(self, samples: list[Sample]) -> None:
-        """Prefill every prompt that several samples share, once (no token generated), so that their
-        generation finds it in SGLang's prefix cache: with the default first-come scheduling the K
-        copies of a prompt arriving together would each prefill it."""
-        counts = Counter(tuple(s.prompt_ids) for s in samples)
-        shared = [list(ids) for ids, n in counts.items() if n > 1]
-        if shared:
-            self.engine.generate(input_ids=shared, sampling_params={"max_new_tokens": 0})
+        """`prefill_shared_prompts` for the samples' prompts."""
+        prefill_shared_prompts(self.engine, [s.prompt_ids for s in samples])
 
     def generate_turns(self, requests: list[dict]) -> list[dict]:
         """One agent turn per request, token-in/token-out: each request has `input_ids`, `max_new_tokens`,
