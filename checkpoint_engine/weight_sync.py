@@ -18,14 +18,9 @@ import ray
 from checkpoint_engine.buckets import Bucket, Region, TensorMeta, plan_full, plan_owned_sliced, plan_sliced
 from checkpoint_engine.config import WeightSyncConfig
 from checkpoint_engine.group import SyncError
+from checkpoint_engine.members import MemberFailed, gather
 from checkpoint_engine.receiver import WeightReceiver
 from checkpoint_engine.transports import transport
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [l for l in str(exc).splitlines() if l.strip()]
-    errors = [l for l in lines if "Error" in l and ":" in l]
-    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__).strip()
 
 
 class WeightSync:
@@ -110,32 +105,29 @@ class WeightSync:
         self._collect(refs, "setup")
 
     def teardown(self) -> None:
-        for t in self.trainers:
-            try:
-                ray.get(t.weight_sync_teardown.remote(), timeout=self.timeout_s)
-            except Exception:
-                pass  # a dead trainer fails the run elsewhere
+        """Leave the group on every member (together, bounded by the timeout) and stop the receivers."""
+        refs = [t.weight_sync_teardown.remote() for t in self.trainers]
+        refs += [r.teardown.remote() for r in self.receivers]  # its buffers' shared memory goes with it
+        try:
+            gather(refs, self.member_names(), self.timeout_s, "weight sync teardown")
+        except MemberFailed:
+            pass  # a dead or stuck member fails the run elsewhere
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Drop the group without asking anyone (after a failed push, members may still be blocked in
+        it): the receivers are killed, and the next push sets up a fresh group with new ones."""
         for r in self.receivers:
-            try:  # its buffers' shared-memory files go with it (ray.kill alone would leave them)
-                ray.get(r.teardown.remote(), timeout=self.timeout_s)
-            except Exception:
-                pass
             ray.kill(r)
         self.receivers, self.plan = [], None
 
     # --- the push ----------------------------------------------------------------------------------
     def _collect(self, refs: list, what: str) -> list:
-        """Every member's result, or one error naming each member that failed (bounded by the timeout)."""
-        deadline = time.monotonic() + self.timeout_s
-        results, errors = [], []
-        for name, ref in zip(self.member_names(), refs):
-            try:
-                results.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
-            except Exception as exc:  # RayTaskError (wrapping SyncError), RayActorError, GetTimeoutError
-                errors.append(f"{name}: {_first_line(exc)}")
-        if errors:
-            raise SyncError(f"weight sync {what} ({self.transport}) failed; " + " | ".join(errors))
-        return results
+        """Every member's result; the first member to fail (or the timeout) raises at once, named."""
+        try:
+            return gather(refs, self.member_names(), self.timeout_s, f"weight sync {what} ({self.transport})")
+        except MemberFailed as exc:
+            raise SyncError(str(exc)) from exc
 
     def push(self, version: int) -> dict[str, float]:
         """Move the trainer's current weights into every rollout engine and stamp them `version`."""
@@ -151,7 +143,7 @@ class WeightSync:
             results = self._collect(refs, f"push v{version}")
             done = True
         except Exception:
-            self.teardown()  # the next push builds a fresh group (and replaces dead receivers)
+            self.abandon()  # the next push builds a fresh group (and replaces dead receivers)
             raise
         finally:
             pushed = time.perf_counter()

@@ -130,16 +130,22 @@ class Actors:
     def managers(self) -> list[RolloutManager]:
         return [m for m in (self.rollout, self.subagents) if m is not None]
 
-    def shutdown(self) -> None:
-        try:
-            self.sync.teardown()
-        except Exception:
-            pass
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every actor and free the bundles. `graceful`: the sync group and the SGLang engines are
+        shut down first (bounded); after a failure they are killed outright, since members may be
+        blocked in a collective with a dead one (rl/fault.py cleans up what killed processes leave)."""
         engines = [e for m in self.managers for e in m.engines]
-        try:
-            ray.get([e.shutdown.remote() for e in engines], timeout=60)
-        except Exception:
-            pass
+        if graceful:
+            try:
+                self.sync.teardown()
+            except Exception:
+                pass
+            try:
+                ray.get([e.shutdown.remote() for e in engines], timeout=60)
+            except Exception:
+                pass
+        else:
+            self.sync.abandon()
         for actor in [*self.trainers, *engines]:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement.pg)

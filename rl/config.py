@@ -62,6 +62,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultConfig:
+    """What the run survives unattended (rl/fault.py, docs/reliability.md)."""
+    # A member that dies or hangs (trainer rank, rollout engine, its SGLang scheduler, a weight
+    # receiver) tears the job down and restarts it in the same process from the newest complete
+    # checkpoint (from the start if none), at most this many times in a run; 0: the run fails.
+    max_restarts: int = field(default=3, metadata={"ge": 0})
+
+
+@dataclass
 class ClusterConfig:
     # None: start a local Ray cluster (the embedded default); else join this address ("auto" too).
     address: Optional[str] = None
@@ -102,6 +111,7 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: int = field(default=120, metadata={"ge": 0})

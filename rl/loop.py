@@ -15,20 +15,21 @@ import asyncio
 import logging
 import os
 import time
+from typing import Optional
 
-import ray
 from transformers import AutoTokenizer
 
+from checkpoint_engine.members import gather
 from rewards.builtin.critic_data import append_jsonl, judge_pairs, verified_pairs
 from rewards.builtin.self_critique import make_judge, use_policy
-from rl import state
+from rl import fault, state
 from rl.actors import Actors
 from rl.algo.ptx import PTXData
 from rl.collector import Collector
 from rl.config import Config
 from rl.data.tasks import AdditionTask
 from rl.demo.warm_start import demo_model_path
-from rl.metrics import MetricsLogger, marked_timer, step_metrics
+from rl.metrics import MetricsLogger, marked_timer, rewind_jsonl, step_metrics
 from rl.sample import Sample
 from rollout.agents.agent_rollout import AgentRollout
 from rollout.agents.trace import for_training
@@ -66,9 +67,11 @@ class RLLoop:
         self.collector.step_index = value
 
     def call_trainers(self, method: str, *args, **kwargs):
-        """Call `method` on every trainer rank (they are collective) and return rank 0's result."""
+        """Call `method` on every trainer rank (they are collective) and return rank 0's result; a rank that
+        dies or fails is reported at once (the others may be blocked in a collective with it)."""
         refs = [getattr(t, method).remote(*args, **kwargs) for t in self.engines.trainers]
-        return ray.get(refs, timeout=self.config.trainer.timeout_s)[0]
+        names = [f"trainer rank {i}" for i in range(len(refs))]
+        return gather(refs, names, self.config.trainer.timeout_s, f"trainer {method}")[0]
 
     # --- the loop's own state, saved with every checkpoint (rl/state.py) -------------------------------
     def state_dict(self) -> dict:
@@ -168,33 +171,66 @@ class RLLoop:
 
 
 def run(config: Config, run_dir: str) -> list[dict[str, float]]:
-    """Run (or resume) the RL job up to `config.steps` steps and return the metrics of the steps run."""
+    """Run (or resume) the RL job up to `config.steps` steps and return the metrics of the steps run.
+    A member that dies or hangs restarts the job from its newest checkpoint (rl/fault.py)."""
     model_path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    k = config.checkpoint
-    root = k.dir or os.path.join(run_dir, "checkpoints")
-    resume_from = state.resume_path(k.resume, root)
-    engines = Actors.start(config, model_path)
+    root = config.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+    logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
+    restarts = fault.RestartLog(run_dir, config.fault.max_restarts)
+    metrics: dict[int, dict[str, float]] = {}  # by step: a step run again after a restart replaces its first try
+    resume = config.checkpoint.resume
+    progress = [0]  # the step index the job is at, for the restart record
     try:
-        logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
-        loop = None
-        try:
-            loop = RLLoop(config, engines, tokenizer, logger)
-            if resume_from is not None:
-                state.restore(loop, resume_from)
-                logger.resumed_at(loop.step_index)
-                log.info("resumed from %s at step %d", resume_from, loop.step_index)
-            elif config.eval.every and (evaluation := loop.evaluate()):
-                logger.log(0, {**evaluation, "weight_version": 0})
-            metrics = []
-            while loop.step_index < config.steps:
-                metrics.append(loop.step())
-                if k.every and loop.step_index % k.every == 0:
-                    state.save(loop, root, k.keep)
-            return metrics
-        finally:
-            logger.close()
-            if loop is not None:
-                loop.gateway.close()
+        while True:
+            try:
+                _attempt(config, model_path, tokenizer, logger, root, resume, restarts, metrics, progress)
+                return [metrics[step] for step in sorted(metrics)]
+            except fault.RESTARTABLE as exc:
+                restarts.failed(exc, progress[0])  # raises once fault.max_restarts are spent
+                resume = "auto"
     finally:
-        engines.shutdown()
+        logger.close()
+
+
+def _attempt(config: Config, model_path: str, tokenizer, logger: MetricsLogger, root: str, resume: Optional[str],
+             restarts: fault.RestartLog, metrics: dict, progress: list[int]) -> None:
+    """Start the actors, restore the newest checkpoint if asked, run the remaining steps, stop the actors
+    (killed outright after a failure: some may be blocked in a collective with a dead member)."""
+    k = config.checkpoint
+    fault.remove_stale_shared_memory()  # left by the processes of a killed run or attempt
+    resume_from = state.resume_path(resume, root)
+    engines = Actors.start(config, model_path)
+    loop, failed = None, True
+    try:
+        loop = RLLoop(config, engines, tokenizer, logger)
+        if resume_from is not None:
+            state.restore(loop, resume_from)
+            logger.resumed_at(loop.step_index)
+            _rewind_step_files(os.path.dirname(logger.path), loop.step_index)
+            log.info("resumed from %s at step %d", resume_from, loop.step_index)
+        else:
+            if restarts.count or resume is not None:  # a restart before the first checkpoint starts over
+                logger.resumed_at(0)
+                _rewind_step_files(os.path.dirname(logger.path), 0)
+            if config.eval.every and (evaluation := loop.evaluate()):
+                logger.log(0, {**evaluation, "weight_version": 0})
+        restarts.resumed(resume_from, loop.step_index)
+        while loop.step_index < config.steps:
+            progress[0] = loop.step_index
+            restarts.progressed(loop.step_index)
+            done = loop.step()
+            metrics[loop.step_index] = done
+            if k.every and loop.step_index % k.every == 0:
+                state.save(loop, root, k.keep)
+        failed = False
+    finally:
+        if loop is not None:
+            loop.gateway.close()
+        engines.shutdown(graceful=not failed)
+
+
+def _rewind_step_files(run_dir: str, step: int) -> None:
+    """The per-step records beside metrics.jsonl, back to `step` (the steps after it run again)."""
+    rewind_jsonl(os.path.join(run_dir, "subagents.jsonl"), lambda r: r["step"] <= step)  # numbered as metrics
+    rewind_jsonl(os.path.join(run_dir, "critic_pairs.jsonl"), lambda r: r["step"] < step)  # by step_index

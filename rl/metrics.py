@@ -45,7 +45,12 @@ class MetricsLogger:
             self.progress.update(self.task, advance=1, description=f"acc {metrics.get('accuracy', 0):.2f}")
 
     def resumed_at(self, step: int) -> None:
-        """A resumed run starts its progress bar at the checkpoint's step."""
+        """A resumed run starts its progress bar at the checkpoint's step, and the records of the steps
+        after it (logged before the run stopped) are removed: those steps are run again and logged
+        once, so metrics.jsonl holds every step exactly once."""
+        self.file.close()
+        rewind_jsonl(self.path, lambda record: record["step"] <= step)
+        self.file = open(self.path, "a")
         self.progress.update(self.task, completed=step)
 
     def close(self) -> None:
@@ -56,6 +61,17 @@ class MetricsLogger:
 
             self.wandb.finish()
             wandb.teardown()  # stop wandb's service now, not in an atexit hook racing other shutdowns
+
+
+def rewind_jsonl(path: str, keep) -> None:
+    """Rewrite the JSON-lines file `path` with only the records `keep(record)` accepts (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and keep(json.loads(line))]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 @contextmanager
