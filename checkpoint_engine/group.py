@@ -7,6 +7,7 @@ came within the timeout) the error names the members that stopped beating.
 """
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -23,20 +24,51 @@ class SyncError(RuntimeError):
     """A push failed; the message names the step, the bucket and the members that stopped answering."""
 
 
-def free_port() -> int:
-    """A TCP port free on this host now (for a process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free on this host now (for a process group's rendezvous); `host`: the address it
+    will be bound to ("" for every interface)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def node_host() -> str:
+    """This node's address as the Ray cluster knows it: loopback in a single-node run, whose local
+    cluster binds to 127.0.0.1 (rl/cluster.py); outside Ray, loopback."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
 def node_address() -> tuple[str, int]:
     """This node's address and a port free on it now: a rendezvous point processes on other nodes can
-    reach (inside a Ray worker, the node's address as Ray knows it; elsewhere, loopback)."""
-    import ray
+    reach (in a single-node run, one on loopback only)."""
+    host = node_host()
+    return host, free_port(host if host in LOOPBACK else "")
 
-    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-    return host, free_port()
+
+def tcp_store(host: str, port: int, world_size: Optional[int], is_master: bool, timeout: timedelta,
+              wait_for_workers: bool = True) -> dist.TCPStore:
+    """A torch TCPStore at host:port. torch's server listens on every interface; when the group meets
+    at a loopback address (a single-node run) the server is handed a socket bound to loopback only."""
+    if not (is_master and host in LOOPBACK):
+        return dist.TCPStore(host, port, world_size, is_master=is_master, timeout=timeout,
+                             wait_for_workers=wait_for_workers)
+    listener = socket.socket(socket.AF_INET6 if host == "::1" else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:  # the name rl/actors.py retries on
+            raise RuntimeError(f"EADDRINUSE: port {port} on {host} is taken") from None
+        raise
+    listener.listen(1024)
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=wait_for_workers,
+                         master_listen_fd=listener.detach())  # the store owns the socket from here
 
 
 def backend_for(device: str) -> str:
@@ -49,8 +81,7 @@ class SyncGroup:
         self.rank, self.world_size, self.device, self.timeout_s = rank, world_size, device, timeout_s
         self.member_names = member_names or [f"rank {r}" for r in range(world_size)]
         timeout = timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
-                                   wait_for_workers=True)
+        self.store = tcp_store(master_addr, master_port, world_size, rank == 0, timeout)
         store = dist.PrefixStore(prefix, self.store)
         if backend_for(device) == "nccl":
             options = dist.ProcessGroupNCCL.Options()

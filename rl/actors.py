@@ -30,8 +30,8 @@ SHARE = 0.5  # of a bundle's GPU, for each of the two actors colocated on it
 class Actors:
     """The actors of one colocated RL job."""
     trainers: list  # one per training rank (TP x PP x DP), trainer i in slot i
-    rollout: RolloutManager  # the policy's SGLang engines
-    sync: WeightSync
+    rollout: Optional[RolloutManager]  # the policy's SGLang engines; None in a replay (rollout.replay_dir)
+    sync: Optional[WeightSync]
     placement: Placement
     subagents: Optional[RolloutManager] = None  # PARL's frozen sub-agent engine: loaded once, never synced
     trainer_rendezvous: tuple[str, int] = ("", 0)  # where the trainer ranks met: rank 0's node
@@ -59,7 +59,8 @@ class Actors:
         world = config.trainer.layout().world_size
         r, w, timeout = config.rollout, config.agent.swarm, config.trainer.timeout_s
         tp = r.tensor_parallel_size
-        num_engines = r.num_engines or max(1, world // tp)
+        replay = r.replay_dir is not None  # training on dumped samples: the trainer ranks alone
+        num_engines = 0 if replay else r.num_engines or max(1, world // tp)
         bundles = world + (1 if w.enabled else 0)  # PARL's sub-agent engine gets a GPU of its own
         start_ray(config.cluster, num_bundles=bundles)
         placement = place(bundles, config.cluster.placement, tp, num_engines, timeout, config.cluster.threads_per_actor)
@@ -117,6 +118,8 @@ class Actors:
                 log.warning("trainer rendezvous port taken; starting the trainers again on another")
                 trainers, rendezvous = start_trainers()
                 started.extend(trainers)
+        if replay:
+            return cls(trainers, None, None, placement, None, rendezvous)
         ray.get([e.__ray_ready__.remote() for e in [*engines, subagent_engine] if e is not None], timeout=timeout)
         bundles_of = [[placement.strategy(j * tp + t) for t in range(tp)] for j in range(num_engines)]
         sync = WeightSync(trainers, engines, bundles_of, config.sync,
@@ -135,17 +138,16 @@ class Actors:
         shut down first (bounded); after a failure they are killed outright, since members may be
         blocked in a collective with a dead one (rl/fault.py cleans up what killed processes leave)."""
         engines = [e for m in self.managers for e in m.engines]
-        if graceful:
+        if self.sync is not None:
             try:
-                self.sync.teardown()
+                self.sync.teardown() if graceful else self.sync.abandon()
             except Exception:
                 pass
+        if graceful and engines:
             try:
                 ray.get([e.shutdown.remote() for e in engines], timeout=60)
             except Exception:
                 pass
-        else:
-            self.sync.abandon()
         for actor in [*self.trainers, *engines]:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement.pg)

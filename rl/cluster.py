@@ -9,8 +9,10 @@ ordered by node, so consecutive slots share a node whatever order Ray listed the
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
+from unittest import mock
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
@@ -21,6 +23,7 @@ from rl.config import ClusterConfig
 
 CPUS_PER_BUNDLE = 2  # Ray's accounting for a trainer rank and a rollout engine (threads: Placement.threads)
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes use 127.0.0.1 as the node address
 
 
 def start_ray(cfg: ClusterConfig, num_bundles: int) -> None:
@@ -30,8 +33,23 @@ def start_ray(cfg: ClusterConfig, num_bundles: int) -> None:
         ray.init(address=cfg.address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster needs no token
-    ray.init(num_cpus=cfg.num_cpus or CPUS_PER_BUNDLE * num_bundles, num_gpus=num_bundles, include_dashboard=False,
-             log_to_driver=True)
+    with loopback_only():
+        ray.init(num_cpus=cfg.num_cpus or CPUS_PER_BUNDLE * num_bundles, num_gpus=num_bundles,
+                 include_dashboard=False, log_to_driver=True)
+
+
+@contextmanager
+def loopback_only():
+    """A local cluster started inside listens on 127.0.0.1 only (GCS, raylet, workers, agents), and so
+    does every address the job derives from it (the trainers' and the sync group's rendezvous,
+    SGLang's: checkpoint_engine/group.py `node_host`). Ray does this for its local-only clusters on
+    macOS and Windows; the switch is read by the processes it starts (the environment variable,
+    inherited at their start) and by this one (the constant, already imported); both are restored
+    after, so a multi-node cluster joined later in this process is unaffected."""
+    from ray._private import ray_constants
+
+    with mock.patch.dict(os.environ, {LOCAL_ONLY: "0"}), mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        yield
 
 
 def in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:

@@ -30,6 +30,7 @@ from rl.data.prompt_files import checked_table, load_records
 from rl.data.prompts import Family
 from rl.demo.config import ModelConfig, WarmStartConfig
 from rl.demo.tiny_model import TOKENIZERS
+from rl.rollout_dump import dumped_steps
 from rl.trainer.checkpoint import MARKER as CHECKPOINT_MARKER
 from rl.trainer.config import TrainerConfig
 from rl.trainer.models import registry as architectures
@@ -231,6 +232,12 @@ def validate(c: Config) -> None:
     _require(not r.deterministic_sampling or resolve_device(c.cluster.device) != "cpu", "rollout.deterministic_sampling",
              "needs CUDA: SGLang's deterministic inference runs batch-invariant kernels that have no CPU build",
              r.deterministic_sampling)
+    if r.replay_dir is not None:  # training on dumped samples: no rollout engine starts
+        _require(bool(dumped_steps(r.replay_dir)), "rollout.replay_dir", "holds no dumped step (step_<n>.jsonl.gz)",
+                 r.replay_dir)
+        for key, value in (("eval.every", c.eval.every), ("critic.every", c.critic.every)):
+            _require(not value, key, "needs the rollout engines, which a replay (rollout.replay_dir) does not "
+                     "start; set it to 0", value)
     _validate_data(c)
     _validate_rewards(c)
     _validate_agent(c)

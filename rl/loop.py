@@ -30,6 +30,7 @@ from rl.config import Config
 from rl.data.tasks import AdditionTask
 from rl.demo.warm_start import demo_model_path
 from rl.metrics import MetricsLogger, marked_timer, rewind_jsonl, step_metrics
+from rl.rollout_dump import read_step, write_step
 from rl.sample import Sample
 from rollout.agents.agent_rollout import AgentRollout
 from rollout.agents.trace import for_training
@@ -45,16 +46,19 @@ class RLLoop:
         self.ptx = PTXData(tokenizer, config.ptx.path, task, config.seed) if config.ptx.coef > 0 else None
         self.weight_version = 0  # the engines start from the same checkpoint: version 0
         self.last_samples: list[Sample] = []  # the last step's trained samples, for inspection
-        # The current policy behind an OpenAI-compatible endpoint: the default judge of self-critique
-        # rewards and of the critic check, and reachable by users' reward code (rewards.builtin.self_critique).
-        template = (lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                    ) if getattr(tokenizer, "chat_template", None) else None
-        self.gateway = OpenAIGateway(engines.rollout.complete, chat_template=template,
-                                     timeout_s=config.trainer.timeout_s)
-        use_policy(self.gateway.url)
-        # multi-turn tool episodes instead of single responses (rollout/agents/agent_rollout.py)
-        agentic = AgentRollout(config.agent, config.task, tokenizer, engines.rollout, engines.subagents,
-                               config.trainer.timeout_s) if config.agent.environment else None
+        self.gateway: Optional[OpenAIGateway] = None
+        agentic = None
+        if engines.rollout is not None:  # None: a replay of dumped samples (rl/rollout_dump.py)
+            # The current policy behind an OpenAI-compatible endpoint: the default judge of self-critique
+            # rewards and of the critic check, and reachable by users' reward code (rewards.builtin.self_critique).
+            template = (lambda messages: tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True)) if getattr(tokenizer, "chat_template", None) else None
+            self.gateway = OpenAIGateway(engines.rollout.complete, chat_template=template,
+                                         timeout_s=config.trainer.timeout_s)
+            use_policy(self.gateway.url)
+            # multi-turn tool episodes instead of single responses (rollout/agents/agent_rollout.py)
+            agentic = AgentRollout(config.agent, config.task, tokenizer, engines.rollout, engines.subagents,
+                                   config.trainer.timeout_s) if config.agent.environment else None
         self.collector = Collector(config, engines.rollout, tokenizer, agentic)
 
     @property
@@ -112,7 +116,8 @@ class RLLoop:
         weights sampled (older segments of partial rollouts differ by design; tool results were not
         sampled)."""
         c = self.config
-        self.engines.rollout.call_all("release_memory")
+        if self.engines.rollout is not None:
+            self.engines.rollout.call_all("release_memory")
         batch = for_training(samples)  # tokens, masks, rewards: no agent traces, no sub-agent trajectories
         if c.algorithm.reset_optimizer_each_step:
             self.call_trainers("reset_optimizer_state")
@@ -122,17 +127,30 @@ class RLLoop:
                                   ptx, c.ptx.coef, self.weight_version)
 
     def sync(self) -> dict[str, float]:
-        """The new weights, one version up, into the rollout engines."""
-        self.engines.rollout.call_all("resume_memory")
+        """The new weights, one version up, into the rollout engines (a replay has none)."""
         self.weight_version += 1
+        if self.engines.sync is None:
+            return {}
+        self.engines.rollout.call_all("resume_memory")
         return self.engines.sync.push(self.weight_version)
+
+    def collect(self) -> tuple[list[Sample], dict[str, float]]:
+        """The step's samples: generated (and dumped, with rollout.dump_dir, before anything trains on
+        them), or read back from a dump (rollout.replay_dir)."""
+        r, step = self.config.rollout, self.step_index + 1  # numbered as in metrics.jsonl
+        if r.replay_dir is not None:
+            return read_step(r.replay_dir, step), {"reward_seconds": 0.0}
+        samples, sampling = self.collector.collect(self.weight_version)
+        if r.dump_dir is not None:
+            write_step(r.dump_dir, step, samples)
+        return samples, sampling
 
     def step(self) -> dict[str, float]:
         c, timing = self.config, {}
         with marked_timer("step", timing):
             self.begin_step()
             with marked_timer("generate", timing):  # generation rounds, with scoring and shaping inside
-                samples, sampling = self.collector.collect(self.weight_version)
+                samples, sampling = self.collect()
                 critic = self.check_critic(samples)
             with marked_timer("train", timing):
                 train = self.train(samples)
@@ -147,7 +165,8 @@ class RLLoop:
             **{f"temperature/{name}": collector.temperature(name) for name, f in c.data.families.items()
                if f.temperature is not None},
             **sampling,
-            **self.engines.rollout.take_metrics(),  # per engine since the last step's log (its evaluation too)
+            # per engine since the last step's log (its evaluation too)
+            **(self.engines.rollout.take_metrics() if self.engines.rollout else {}),
             **critic,
             **(collector.agentic.metrics(samples, collector.parl_lambdas()) if collector.agentic else {}),
             # every round's generation, without its scoring
@@ -225,7 +244,7 @@ def _attempt(config: Config, model_path: str, tokenizer, logger: MetricsLogger, 
                 state.save(loop, root, k.keep)
         failed = False
     finally:
-        if loop is not None:
+        if loop is not None and loop.gateway is not None:
             loop.gateway.close()
         engines.shutdown(graceful=not failed)
 

@@ -42,7 +42,8 @@ def save(loop, root: str, keep: int) -> str:
 
 
 def restore(loop, path: str) -> None:
-    """Load a checkpoint into the trainers and the loop, then push the weights to the engines."""
+    """Load a checkpoint into the trainers and the loop, then push the weights to the engines (if any)."""
     extra = loop.call_trainers("load_checkpoint", path)
     loop.load_state_dict(extra["loop"])
-    loop.engines.sync.push(loop.weight_version)
+    if loop.engines.sync is not None:
+        loop.engines.sync.push(loop.weight_version)

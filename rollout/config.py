@@ -52,6 +52,12 @@ class RolloutConfig:
     # the prefix cache (emptied by every weight update) instead of each prefilling it again: what
     # SGLang does itself for one request with n > 1 (measured: docs/performance.md).
     prefill_shared_prompts: bool = True
+    # Every step's trained samples (token ids, rollout logprobs, rewards, advantages, weight versions)
+    # to <dump_dir>/step_<n>.jsonl.gz, numbered as in metrics.jsonl (rl/rollout_dump.py).
+    dump_dir: Optional[str] = None
+    # Train on the samples dumped there instead of generating: no rollout engine, sync or gateway
+    # starts. With checkpoint.resume at step n-1, step n is re-run alone.
+    replay_dir: Optional[str] = None
 
     def check(self) -> None:
         if self.max_total_tokens < self.max_new_tokens:

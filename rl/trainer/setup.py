@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from checkpoint_engine.group import tcp_store
 from rl.trainer.parallel_layout import ParallelLayout
 
 
@@ -31,10 +32,11 @@ def init_distributed(layout: ParallelLayout, rank: int, master_addr: str, master
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) if layout.world_size > 1 else 0)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="gloo" if device == "cpu" else "nccl",
-            init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=layout.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # the store rank 0 hosts listens on loopback only when the ranks meet there (a single-node run)
+        store = tcp_store(master_addr, master_port, layout.world_size, rank == 0, timeout)
+        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl", store=store, rank=rank,
+                                world_size=layout.world_size, timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_parallel_size,

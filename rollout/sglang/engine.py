@@ -15,6 +15,7 @@ import torch
 from rl.sample import Sample
 from rollout.config import RolloutConfig
 from rollout.sglang import loader as sglang_loader
+from rollout.sglang.rendezvous import schedulers_meet_on_loopback
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +66,12 @@ class RolloutEngine:
         _export_repo_to_workers()
         import sglang
 
-        self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
-                                    max_total_tokens=config.max_total_tokens, random_seed=seed, log_level="error",
-                                    sleep_on_idle=config.sleep_on_idle,
-                                    custom_weight_loader=loaders, **kwargs)
+        with schedulers_meet_on_loopback() as store:  # single-node: no listener beyond loopback
+            self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
+                                        max_total_tokens=config.max_total_tokens, random_seed=seed, log_level="error",
+                                        sleep_on_idle=config.sleep_on_idle,
+                                        custom_weight_loader=loaders, **kwargs)
+        self.rendezvous_store = store  # the schedulers' process group keeps using it
         # CPU: objects each scheduler process keeps from start-up, now out of the collector's reach
         self.frozen_objects = sglang_cpu.after_start(self.engine) if self.device == "cpu" else []
         self.tokenizer = self.engine.tokenizer_manager.tokenizer

@@ -69,6 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ({"budget": {"toggle_percentile": 120}}, "budget.toggle_percentile"),
     ({"checkpoint": {"resume": "/no/such/checkpoint"}}, "checkpoint.resume"),
     ({"checkpoint": {"every": -1}}, "checkpoint.every"),
+    ({"fault": {"max_restarts": -1}}, "fault.max_restarts"),
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:
