@@ -44,6 +44,7 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -118,7 +119,8 @@ def _worker(rank, world, port, sizes, bucket_bytes, repeats, deliver_mode, out_d
         raw = torch.zeros(payload, dtype=torch.uint8)
         if rank == 0:
             raw.random_(0, 256, generator=torch.Generator().manual_seed(index))
-        timed(lambda: group.broadcast(raw, src=0), entry["raw"])
+        options = dist.BroadcastOptions()  # the bare collective, waited for plainly (no heartbeat polling)
+        timed(lambda: group.pg.broadcast([raw], options).wait(), entry["raw"])
         del raw
         # the same collective as the reduce_scatter transport, bare: each receiver gets 1/R of the bytes
         words = payload // 8 // num_receivers

@@ -11,6 +11,7 @@ import errno
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 HEARTBEAT_S = 0.5
+DEAD_AFTER_S = 5.0  # while a collective waits: a member whose heartbeat is this old is taken for dead
+_ABANDONED: list = []  # process groups left with a collective stuck on a dead member (see `close`)
 
 
 class SyncError(RuntimeError):
@@ -75,6 +78,16 @@ def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
+@dataclass
+class Pollable:
+    """A started collective whose completion can be polled (a broadcast): `SyncGroup.wait` watches the
+    members' heartbeats while it waits for one."""
+    work: object
+
+    def wait(self, timeout=None) -> bool:
+        return self.work.wait(timeout) if timeout is not None else self.work.wait()
+
+
 class SyncGroup:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, device: str,
                  timeout_s: float, member_names: Optional[list[str]] = None, prefix: str = "tandem-sync"):
@@ -89,6 +102,7 @@ class SyncGroup:
             self.pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
         else:
             self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        self.broken = False  # a collective was given up on while a dead member kept it waiting
         self._beating = True
         self._beat()
         self._heart = threading.Thread(target=self._heartbeat, daemon=True, name="sync-heartbeat")
@@ -106,9 +120,9 @@ class SyncGroup:
             except Exception:
                 return  # the store (rank 0) is gone; `silent_members` reports it
 
-    def silent_members(self) -> list[str]:
-        """Members whose heartbeat stopped (rank 0 too when its store cannot be reached)."""
-        deadline = time.time() - 4 * HEARTBEAT_S
+    def silent_members(self, stale_s: float = 4 * HEARTBEAT_S) -> list[str]:
+        """Members whose heartbeat is older than `stale_s` (rank 0 too when its store cannot be reached)."""
+        deadline = time.time() - stale_s
         silent = []
         try:
             for r in range(self.world_size):
@@ -126,13 +140,36 @@ class SyncGroup:
 
     # --- collectives (each waits at most timeout_s) --------------------------------------------------
     def wait(self, work) -> None:
+        """Until `work` completes, within the timeout. A broadcast whose peer died can wait until then
+        (gloo does not notice every closed connection), so while one is waited for the members'
+        heartbeats are checked: one silent for DEAD_AFTER_S ends the wait at once, naming it. (Other
+        gloo works cannot be polled: `is_completed` stays false for a reduce-scatter, and gloo's
+        `abort` does not end a wait; they wait as they are.)"""
+        if isinstance(work, Pollable):
+            return self._poll(work.work)
         if not work.wait(timedelta(seconds=self.timeout_s)):
             raise TimeoutError(f"no completion within {self.timeout_s:g} s")
+
+    def _poll(self, work) -> None:
+        start = time.monotonic()
+        poll, next_check = 1e-4, start + 2 * HEARTBEAT_S
+        while not work.is_completed():
+            now = time.monotonic()
+            if now - start > self.timeout_s:
+                raise TimeoutError(f"no completion within {self.timeout_s:g} s")
+            if now > next_check:
+                next_check = now + HEARTBEAT_S
+                if silent := self.silent_members(DEAD_AFTER_S):
+                    self.broken = True
+                    raise SyncError(f"members stopped answering: {', '.join(silent)}")
+            time.sleep(poll)
+            poll = min(2 * poll, 5e-3)  # at most 5 ms after completion
+        work.wait()  # raises the collective's own error, if it failed
 
     def broadcast(self, tensor: torch.Tensor, src: int, async_op: bool = False):
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        work = self.pg.broadcast([tensor], opts)
+        work = Pollable(self.pg.broadcast([tensor], opts))
         return work if async_op else self.wait(work)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], async_op: bool = False):
@@ -158,9 +195,13 @@ class SyncGroup:
         return int(tensor.item())
 
     def close(self) -> None:
+        """Leave the group. One with a collective still stuck on a dead member is not shut down (that
+        would wait for the collective's timeout): it is kept aside until the process ends."""
         self._beating = False
         pg, self.pg = self.pg, None
-        if pg is not None and hasattr(pg, "shutdown"):
+        if pg is not None and self.broken:
+            _ABANDONED.append(pg)
+        elif pg is not None and hasattr(pg, "shutdown"):
             try:
                 pg.shutdown()
             except Exception:

@@ -32,6 +32,7 @@ class WeightSync:
         only): each tensor's region per rollout TP rank (`rollout.sglang.tp_shards.region_rule`); with it
         every engine gets `rollout_tp_size` receivers."""
         self.trainers, self.rollouts, self.rollout_strategies = trainers, rollouts, rollout_strategies
+        self.config, self.rollout_tp_size = config, rollout_tp_size
         self.kind = transport(config.transport)  # the Transport behind the name
         self.tp_size = rollout_tp_size if self.kind.sliced and tp_regions is not None else 1
         self.tp_regions = tp_regions
@@ -172,6 +173,21 @@ class WeightSync:
         if self.verify_full:
             metrics["sync_verify_seconds"] = self.verify()
         return metrics
+
+    def replace_engine(self, index: int, engine, version: int) -> None:
+        """Rollout engine `index` was started again as `engine`: give it the trainer's weights as
+        `version` (a full push of its own, checksummed, then compared tensor by tensor), and have the
+        next push form the group again with it."""
+        self.abandon()  # the old group had the dead engine's receivers
+        self.rollouts[index] = engine
+        alone = WeightSync(self.trainers, [engine], [self.rollout_strategies[index]], self.config, self.device,
+                           self.rollout_tp_size, self.tp_regions)
+        try:
+            alone.push(version)
+            if not alone.verify_full:  # else the push has compared them already
+                alone.verify()
+        finally:
+            alone.teardown()
 
     def verify(self) -> float:
         """Compare every engine's weights with the trainer's full state (gathered the simple way, not

@@ -26,6 +26,20 @@ PORT_ATTEMPTS = 3
 SHARE = 0.5  # of a bundle's GPU, for each of the two actors colocated on it
 
 
+def start_engine(placement: Placement, slot: int, path: str, settings, seed: int, device: str, share: float,
+                 gpu_ids: list[str]):
+    """A `RolloutEngine` actor in bundle `slot` (its SGLang workers see `gpu_ids`)."""
+    return ray.remote(RolloutEngine).options(num_cpus=1, num_gpus=share, scheduling_strategy=placement.strategy(slot)
+                                             ).remote(path, settings, device=device, seed=seed, gpu_ids=gpu_ids,
+                                                      threads=placement.threads(slot))
+
+
+def start_rollout_engine(placement: Placement, index: int, path: str, settings, seed: int, device: str):
+    """Policy rollout engine `index`, over its TP bundles (it sits in the first), beside trainer ranks."""
+    return start_engine(placement, index * settings.tensor_parallel_size, path, settings, seed, device, SHARE,
+                        placement.engine_gpu_ids(index))
+
+
 @dataclass
 class Actors:
     """The actors of one colocated RL job."""
@@ -35,6 +49,9 @@ class Actors:
     placement: Placement
     subagents: Optional[RolloutManager] = None  # PARL's frozen sub-agent engine: loaded once, never synced
     trainer_rendezvous: tuple[str, int] = ("", 0)  # where the trainer ranks met: rank 0's node
+    config: Optional[Config] = None  # what they were started with (to start a rollout engine again)
+    model_path: str = ""
+    device: str = "cpu"
 
     @classmethod
     def start(cls, config: Config, model_path: str) -> "Actors":
@@ -90,18 +107,11 @@ class Actors:
 
         trainers, rendezvous = start_trainers()
         started.extend(trainers)
-        engine_cls = ray.remote(RolloutEngine)
-
-        def start_engine(path: str, slot: int, share: float, settings, gpu_ids: list[str], seed: int):
-            return engine_cls.options(num_cpus=1, num_gpus=share, scheduling_strategy=placement.strategy(slot)).remote(
-                path, settings, device=device, seed=seed, gpu_ids=gpu_ids, threads=placement.threads(slot))
-
-        engines = [start_engine(model_path, j * tp, SHARE, r, placement.engine_gpu_ids(j), config.seed + j)
-                   for j in range(num_engines)]
+        engines = [start_rollout_engine(placement, j, model_path, r, config.seed + j, device) for j in range(num_engines)]
         # the sub-agent engine has a bundle (GPU) of its own: TP 1, nothing to release for a trainer
         subagent_settings = dataclasses.replace(r, tensor_parallel_size=1, release_memory_during_train=False)
-        subagent_engine = start_engine(w.subagent_model or model_path, world, 1.0, subagent_settings,
-                                       list(placement.slots[world].gpu_ids), config.seed) if w.enabled else None
+        subagent_engine = start_engine(placement, world, w.subagent_model or model_path, subagent_settings, config.seed,
+                                       device, 1.0, list(placement.slots[world].gpu_ids)) if w.enabled else None
         started.extend(e for e in [*engines, subagent_engine] if e is not None)
         # Constructors run in the actors; surface their failures (with a bound) before the loop starts.
         # The trainers' rendezvous port was free when picked, but SGLang, starting beside them, picks
@@ -118,16 +128,27 @@ class Actors:
                 log.warning("trainer rendezvous port taken; starting the trainers again on another")
                 trainers, rendezvous = start_trainers()
                 started.extend(trainers)
+        context = dict(config=config, model_path=model_path, device=device)
         if replay:
-            return cls(trainers, None, None, placement, None, rendezvous)
+            return cls(trainers, None, None, placement, None, rendezvous, **context)
         ray.get([e.__ray_ready__.remote() for e in [*engines, subagent_engine] if e is not None], timeout=timeout)
         bundles_of = [[placement.strategy(j * tp + t) for t in range(tp)] for j in range(num_engines)]
         sync = WeightSync(trainers, engines, bundles_of, config.sync,
                           device, rollout_tp_size=tp, tp_regions=region_rule(AutoConfig.from_pretrained(model_path), tp))
         sync.setup()  # the sub-agent engine is not among the sync's engines: its weights stay fixed
-        rollout = RolloutManager(engines, timeout, seed=config.seed)
+        rollout = RolloutManager(engines, timeout, seed=config.seed, probe_timeout_s=config.fault.probe_timeout_s)
         subagents = RolloutManager([subagent_engine], timeout, seed=config.seed + 1) if w.enabled else None
-        return cls(trainers, rollout, sync, placement, subagents, rendezvous)
+        return cls(trainers, rollout, sync, placement, subagents, rendezvous, **context)
+
+    def replace_rollout_engine(self, index: int, version: int):
+        """Kill policy rollout engine `index`, start it again in its own bundles and give it the weights
+        of `version` (a push of its own, checksummed and verified); returns the new engine."""
+        c = self.config
+        ray.kill(self.rollout.engines[index])
+        engine = start_rollout_engine(self.placement, index, self.model_path, c.rollout, c.seed + index, self.device)
+        ray.get(engine.__ray_ready__.remote(), timeout=c.trainer.timeout_s)
+        self.sync.replace_engine(index, engine, version)
+        return engine
 
     @property
     def managers(self) -> list[RolloutManager]:

@@ -69,6 +69,11 @@ class FaultConfig:
     # receiver) tears the job down and restarts it in the same process from the newest complete
     # checkpoint (from the start if none), at most this many times in a run; 0: the run fails.
     max_restarts: int = field(default=3, metadata={"ge": 0})
+    # A policy rollout engine that dies or stops answering (probed before each step) is replaced on its
+    # own, without restarting the job: killed, started again in its bundles, given the current weights,
+    # and its unfinished requests sent again; at most this many times in a run, then a job restart.
+    max_engine_restarts: int = field(default=8, metadata={"ge": 0})
+    probe_timeout_s: float = field(default=30.0, metadata={"gt": 0})  # bound on an engine's health probe
 
 
 @dataclass

@@ -1,13 +1,17 @@
 """Surviving faults unattended: which failures restart the job, the record of each restart, and the
 shared-memory files that killed processes leave behind.
 
-A member of the job that dies or hangs reaches the driver as a Ray error (the actor died, or raised
-because a peer in its collective died), a timeout, or a failed weight push. The run (rl/loop.py `run`)
-then tears every actor down and starts the job again in the same process from the newest complete
-checkpoint, at most `fault.max_restarts` times, as torchrun's `--max-restarts` does for its workers.
+Two levels, cheapest first:
+- a policy rollout engine that dies or hangs is replaced alone (rollout/manager.py, rl/loop.py): the
+  step goes on, at most `fault.max_engine_restarts` times in a run; a weight push that fails while
+  every engine is alive (a dead weight receiver) is tried once more with a fresh sync group;
+- anything else that dies or hangs reaches the driver as a Ray error (the actor died, or raised
+  because a peer in its collective died), a timeout, or a failed weight push. The run (rl/loop.py
+  `run`) then tears every actor down and starts the job again in the same process from the newest
+  complete checkpoint, at most `fault.max_restarts` times, as torchrun's `--max-restarts` does.
 Errors of the driver's own code (a config, a reward function, a bug) are not retried.
-Every restart goes to the console and to `<run dir>/restarts.jsonl` with its cause, the step it hit,
-the checkpoint it resumed from and, once the run is back where it was, the seconds it cost.
+Every recovery goes to the console and to `<run dir>/restarts.jsonl` with its cause, the step it hit,
+the checkpoint a restart resumed from and the seconds it cost.
 """
 from __future__ import annotations
 
@@ -51,16 +55,35 @@ def describe(exc: BaseException) -> str:
 
 
 class RestartLog:
-    """Counts restarts against the budget and writes each to the console and `restarts.jsonl`."""
+    """Counts recoveries against their budgets and writes each to the console and `restarts.jsonl`
+    (`run_dir` None: the console only)."""
 
-    def __init__(self, run_dir: str, max_restarts: int):
-        self.path = os.path.join(run_dir, "restarts.jsonl")
+    def __init__(self, run_dir: Optional[str], max_restarts: int, max_engine_restarts: int = 0):
+        self.path = os.path.join(run_dir, "restarts.jsonl") if run_dir is not None else None
         self.max_restarts, self.count = max_restarts, 0
+        self.max_engine_restarts, self.engine_count = max_engine_restarts, 0
         self._lost: Optional[tuple[float, int]] = None  # (when it failed, the step it was in)
 
     def _write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def engine_failed(self, engine: int, exc: BaseException, step_index: int) -> None:
+        """Rollout engine `engine` failed during step `step_index` + 1; raises `exc` again once
+        fault.max_engine_restarts are spent (the job restart takes over)."""
+        if self.engine_count >= self.max_engine_restarts:
+            raise exc
+        self.engine_count += 1
+        log.warning("step %d: rollout engine %d failed (%s); replacing it (engine restart %d of %d, "
+                    "fault.max_engine_restarts)", step_index + 1, engine, describe(exc), self.engine_count,
+                    self.max_engine_restarts)
+
+    def recovered(self, kind: str, exc: BaseException, step_index: int, seconds: float, **details) -> None:
+        """A recovery without a job restart (`kind`: engine_restart, push_retry) took `seconds`."""
+        self._write({"recovery": kind, "step": step_index + 1, "cause": describe(exc), "seconds_lost": seconds,
+                     "time": time.time(), **details})
+        log.warning("step %d: %s done in %.1f s", step_index + 1, kind.replace("_", " "), seconds)
 
     def failed(self, exc: BaseException, step_index: int) -> None:
         """A restartable failure during step `step_index` + 1; raises `exc` again once the budget is spent."""

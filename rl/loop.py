@@ -17,6 +17,7 @@ import os
 import time
 from typing import Optional
 
+import ray
 from transformers import AutoTokenizer
 
 from checkpoint_engine.members import gather
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 
 
 class RLLoop:
-    def __init__(self, config: Config, engines: Actors, tokenizer, logger: MetricsLogger | None = None):
+    def __init__(self, config: Config, engines: Actors, tokenizer, logger: MetricsLogger | None = None,
+                 restarts: Optional[fault.RestartLog] = None):
         self.config, self.engines, self.tokenizer, self.logger = config, engines, tokenizer, logger
+        self.restarts = restarts or fault.RestartLog(None, 0, config.fault.max_engine_restarts)
         task = AdditionTask(config.task.digits, config.task.seed, config.task.reverse_answer)
         self.ptx = PTXData(tokenizer, config.ptx.path, task, config.seed) if config.ptx.coef > 0 else None
         self.weight_version = 0  # the engines start from the same checkpoint: version 0
@@ -49,6 +52,7 @@ class RLLoop:
         self.gateway: Optional[OpenAIGateway] = None
         agentic = None
         if engines.rollout is not None:  # None: a replay of dumped samples (rl/rollout_dump.py)
+            engines.rollout.replace = self.replace_engine  # a policy engine that fails is replaced alone
             # The current policy behind an OpenAI-compatible endpoint: the default judge of self-critique
             # rewards and of the critic check, and reachable by users' reward code (rewards.builtin.self_critique).
             template = (lambda messages: tokenizer.apply_chat_template(
@@ -76,6 +80,24 @@ class RLLoop:
         refs = [getattr(t, method).remote(*args, **kwargs) for t in self.engines.trainers]
         names = [f"trainer rank {i}" for i in range(len(refs))]
         return gather(refs, names, self.config.trainer.timeout_s, f"trainer {method}")[0]
+
+    # --- engine faults (rl/fault.py) -------------------------------------------------------------------
+    def replace_engine(self, index: int, cause: BaseException):
+        """The rollout manager's callback when policy engine `index` failed: a new one in its bundles,
+        with the trainer's current weights; beyond fault.max_engine_restarts, `cause` is raised."""
+        self.restarts.engine_failed(index, cause, self.step_index)
+        start = time.perf_counter()
+        engine = self.engines.replace_rollout_engine(index, self.weight_version)
+        self.restarts.recovered("engine_restart", cause, self.step_index, time.perf_counter() - start, engine=index)
+        return engine
+
+    def call_engines(self, method: str) -> None:
+        """`method` on every policy engine; one found dead is replaced, then the call is made again."""
+        try:
+            self.engines.rollout.call_all(method)
+        except ray.exceptions.RayActorError:
+            self.engines.rollout.check_health()
+            self.engines.rollout.call_all(method)
 
     # --- the loop's own state, saved with every checkpoint (rl/state.py) -------------------------------
     def state_dict(self) -> dict:
@@ -117,7 +139,7 @@ class RLLoop:
         sampled)."""
         c = self.config
         if self.engines.rollout is not None:
-            self.engines.rollout.call_all("release_memory")
+            self.call_engines("release_memory")
         batch = for_training(samples)  # tokens, masks, rewards: no agent traces, no sub-agent trajectories
         if c.algorithm.reset_optimizer_each_step:
             self.call_trainers("reset_optimizer_state")
@@ -127,12 +149,21 @@ class RLLoop:
                                   ptx, c.ptx.coef, self.weight_version)
 
     def sync(self) -> dict[str, float]:
-        """The new weights, one version up, into the rollout engines (a replay has none)."""
+        """The new weights, one version up, into the rollout engines (a replay has none). A push that
+        fails is made once more, with a fresh sync group (new receivers) and any dead engine replaced."""
         self.weight_version += 1
         if self.engines.sync is None:
             return {}
-        self.engines.rollout.call_all("resume_memory")
-        return self.engines.sync.push(self.weight_version)
+        try:
+            self.call_engines("resume_memory")
+            return self.engines.sync.push(self.weight_version)
+        except fault.RESTARTABLE as exc:  # a trainer rank's death fails the retry too: a job restart
+            start = time.perf_counter()
+            self.engines.rollout.check_health()
+            self.call_engines("resume_memory")
+            pushed = self.engines.sync.push(self.weight_version)
+            self.restarts.recovered("push_retry", exc, self.step_index, time.perf_counter() - start)
+            return pushed
 
     def collect(self) -> tuple[list[Sample], dict[str, float]]:
         """The step's samples: generated (and dumped, with rollout.dump_dir, before anything trains on
@@ -196,7 +227,7 @@ def run(config: Config, run_dir: str) -> list[dict[str, float]]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     root = config.checkpoint.dir or os.path.join(run_dir, "checkpoints")
     logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)
-    restarts = fault.RestartLog(run_dir, config.fault.max_restarts)
+    restarts = fault.RestartLog(run_dir, config.fault.max_restarts, config.fault.max_engine_restarts)
     metrics: dict[int, dict[str, float]] = {}  # by step: a step run again after a restart replaces its first try
     resume = config.checkpoint.resume
     progress = [0]  # the step index the job is at, for the restart record
@@ -222,7 +253,7 @@ def _attempt(config: Config, model_path: str, tokenizer, logger: MetricsLogger, 
     engines = Actors.start(config, model_path)
     loop, failed = None, True
     try:
-        loop = RLLoop(config, engines, tokenizer, logger)
+        loop = RLLoop(config, engines, tokenizer, logger, restarts)
         if resume_from is not None:
             state.restore(loop, resume_from)
             logger.resumed_at(loop.step_index)

@@ -11,6 +11,12 @@ Routing:
   the engine that already holds their prefix for the rest of the step.
 Every sample gets its own sampling seed from (seed, step, group, sample, tokens so far); the engines use
 it with `rollout.deterministic_sampling`. `take_metrics` reports each engine's tokens and tokens/s.
+
+Engine faults: with a `replace` callback (the loop's: rl/loop.py), every engine is probed before each
+step (a round trip to its SGLang scheduler, bounded by `probe_timeout_s`), and an engine that died or
+hangs is replaced: killed, started again in its bundles and given the current weights. An engine
+that dies during a step's batch is replaced the same way and its part of the batch is sent again
+from the samples as they were before the call, so nothing of the failed attempt is kept.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import ray
 
@@ -40,11 +46,16 @@ class EngineLoad:
     busy_seconds: float = 0.0  # wall time with a call of ours in flight on the engine
 
 
+Replace = Callable[[int, BaseException], Any]  # (engine index, why) -> the new engine's actor handle
+
+
 class RolloutManager:
-    def __init__(self, engines: list, timeout_s: float, seed: int = 0):
+    def __init__(self, engines: list, timeout_s: float, seed: int = 0, replace: Optional[Replace] = None,
+                 probe_timeout_s: float = 30.0):
         if not engines:
             raise ValueError("a rollout manager needs at least one engine")
         self.engines, self.timeout_s, self.seed = list(engines), timeout_s, seed
+        self.replace, self.probe_timeout_s = replace, probe_timeout_s
         self.step = 0
         self._lock = threading.Lock()
         self.outstanding = [0] * len(engines)  # tokens (prompt + cap) of the calls in flight, per engine
@@ -92,7 +103,35 @@ class RolloutManager:
         self.step = step
         with self._lock:
             self.affinity.clear()
-        self.call_all_each(lambda j, e: e.reseed.remote(request_seed(self.seed, step, j)))
+        if self.replace is not None:
+            self.check_health()
+        self.call_all_each(lambda j, e: e.reseed.remote(self.engine_seed(j)))
+
+    def engine_seed(self, engine: int) -> int:
+        return request_seed(self.seed, self.step, engine)
+
+    # --- engine faults ------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Probe every engine at once; replace those that failed or did not answer within the bound."""
+        probes = {e.health.remote(): j for j, e in enumerate(self.engines)}
+        ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=self.probe_timeout_s)
+        for ref, j in probes.items():
+            if ref not in ready:
+                self._replace(j, TimeoutError(f"rollout engine {j} did not answer its health probe within "
+                                              f"{self.probe_timeout_s:g} s"))
+                continue
+            try:
+                ray.get(ref)
+            except Exception as exc:  # RayActorError (it died), RayTaskError (its scheduler is gone)
+                self._replace(j, exc)
+
+    def _replace(self, engine: int, cause: BaseException) -> None:
+        """Engine `engine` failed: the callback replaces it (or raises `cause` when it may not); the
+        new one's sampler is seeded as this step's was."""
+        if self.replace is None:
+            raise cause
+        self.engines[engine] = self.replace(engine, cause)
+        ray.get(self.engines[engine].reseed.remote(self.engine_seed(engine)), timeout=self.timeout_s)
 
     def split(self, samples: list[Sample], caps: list[int]) -> list[list[int]]:
         """Indices of `samples` per engine: whole groups, largest first, to the least-assigned engine."""
@@ -120,13 +159,17 @@ class RolloutManager:
         """`RolloutEngine.generate` over the engines; the results in the order of `samples`."""
         seeds, out = self.seeds(samples), list(samples)
         calls = {}
+
+        def send(j: int, part: list[int], cost: int):
+            self._call_started(j, cost)
+            ref = self.engines[j].generate.remote([samples[i] for i in part], [caps[i] for i in part],
+                                                  [seeds[i] for i in part])
+            calls[ref] = (j, part, cost)
+            return ref
+
         for j, part in enumerate(self.split(samples, caps)):
             if part:
-                cost = sum(len(samples[i].tokens) + caps[i] for i in part)
-                self._call_started(j, cost)
-                ref = self.engines[j].generate.remote([samples[i] for i in part], [caps[i] for i in part],
-                                                      [seeds[i] for i in part])
-                calls[ref] = (j, part, cost)
+                send(j, part, sum(len(samples[i].tokens) + caps[i] for i in part))
         pending, deadline = list(calls), time.monotonic() + self.timeout_s
         try:
             while pending:
@@ -135,7 +178,13 @@ class RolloutManager:
                     raise TimeoutError(f"rollout engines {sorted(calls[r][0] for r in pending)} did not answer "
                                        f"within {self.timeout_s:g} s")
                 j, part, cost = calls[ready[0]]
-                results = ray.get(ready[0])
+                try:
+                    results = ray.get(ready[0])
+                except ray.exceptions.RayActorError as exc:  # the engine died: a new one takes its part again
+                    self._finish(j, cost, 0, 0)
+                    self._replace(j, exc)
+                    pending.append(send(j, part, cost))
+                    continue
                 for i, r in zip(part, results):
                     out[i] = r
                 self._finish(j, cost, len(part), sum(len(r.response_ids) - len(samples[i].response_ids)

@@ -2,12 +2,14 @@
 SGLang).
 
 Chaos: an SGLang scheduler, the rollout engine's actor, a weight receiver and a trainer rank are
-SIGKILLed in turn during one run. It restarts itself from its newest checkpoint each time
-(fault.max_restarts) and must end with rc 0, every step logged exactly once and equal to an
-uninterrupted run's, and every push after a restart verified against the trainer's weights
-(sync.verify_full). The uninterrupted run is also watched for listening sockets: in single-node
-mode every one of its processes listens on loopback only. It dumps its rollouts, and its last step,
-replayed from them alone (no SGLang) from the checkpoint before it, repeats its loss and gradient norm."""
+SIGKILLed in turn during one run. The engine is replaced alone (twice), the push is made again with a
+fresh sync group, and the trainer's death restarts the job from its newest checkpoint; the run must
+end with rc 0, every step logged exactly once and equal to an uninterrupted run's, and the weights of
+every replaced engine and every push verified against the trainer's (sync.verify_full).
+
+The uninterrupted run is also watched for listening sockets: in single-node mode every one of its
+processes listens on loopback only. It dumps its rollouts, and its last step, replayed from them alone
+(no SGLang) from the checkpoint before it, repeats its loss and gradient norm."""
 import json
 import os
 import signal
@@ -22,7 +24,9 @@ from tests.integration.test_resume import COMPARED, ROOT, _command, _steps
 # (what is killed, how its process is titled), in the order they are killed: one after each of steps 1-4
 FAULTS = [("SGLang scheduler", "sglang::scheduler"), ("rollout actor", "ray::RolloutEngine"),
           ("weight receiver", "ray::WeightReceiver"), ("trainer rank", "ray::TrainingEngine")]
-CAUSES = ["RolloutEngine", "RolloutEngine", "WeightReceiver", "TrainingEngine"]  # whose death each restart names
+# how each is recovered (restarts.jsonl), and whose death the record names
+RECOVERIES = [("engine_restart", "RolloutEngine"), ("engine_restart", "RolloutEngine"), ("push_retry", "WeightReceiver"),
+              ("restart", "TrainingEngine")]
 
 
 def _records(path) -> list[dict]:
@@ -97,9 +101,9 @@ def test_a_run_survives_each_member_killed_and_matches_the_uninterrupted_run(dem
     faulty, kills = tmp_path / "faulty", []
 
     def kill_next(_proc) -> None:
-        """Fault i once the run has restarted i times and logged step i + 1 since."""
-        restarts = [r for r in _records(faulty / "restarts.jsonl") if "resumed_from" in r]
-        if len(kills) < len(FAULTS) and len(restarts) == len(kills) and os.path.exists(faulty / "metrics.jsonl") \
+        """Fault i once the run has recovered from i faults and logged step i + 1 since."""
+        recovered = [r for r in _records(faulty / "restarts.jsonl") if "seconds_lost" in r]
+        if len(kills) < len(FAULTS) and len(recovered) == len(kills) and os.path.exists(faulty / "metrics.jsonl") \
                 and len(kills) + 1 in _steps(faulty) and (target := _process(FAULTS[len(kills)][1])) is not None:
             target.send_signal(signal.SIGKILL)
             kills.append(target.pid)
@@ -115,8 +119,8 @@ def test_a_run_survives_each_member_killed_and_matches_the_uninterrupted_run(dem
             assert after[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6), (step, key)
     records = _records(faulty / "restarts.jsonl")
     failures = [r for r in records if "cause" in r]
-    assert [r["restart"] for r in failures] == [1, 2, 3, 4]
-    for record, cause in zip(failures, CAUSES):
+    assert [r.get("recovery", "restart") for r in failures] == [kind for kind, _ in RECOVERIES], failures
+    for record, (_kind, cause) in zip(failures, RECOVERIES):
         assert cause in record["cause"], record
     lost = [r["seconds_lost"] for r in records if "seconds_lost" in r]
     assert len(lost) == len(FAULTS) and all(s > 0 for s in lost)

@@ -82,3 +82,17 @@ def test_only_the_shared_memory_of_dead_processes_is_removed(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert remove_stale_shared_memory(str(tmp_path)) == 2
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+
+
+def test_engine_restarts_have_their_own_budget_and_records(tmp_path):
+    restarts = RestartLog(str(tmp_path), max_restarts=3, max_engine_restarts=1)
+    died = _Died()
+    restarts.engine_failed(0, died, step_index=2)
+    restarts.recovered("engine_restart", died, 2, 12.5, engine=0)
+    with pytest.raises(_Died):  # the second engine fault escalates to a job restart
+        restarts.engine_failed(1, died, step_index=3)
+    assert restarts.engine_count == 1 and restarts.count == 0
+    (record,) = [json.loads(line) for line in open(tmp_path / "restarts.jsonl")]
+    assert record["recovery"] == "engine_restart" and record["engine"] == 0 and record["step"] == 3
+    assert record["seconds_lost"] == 12.5 and "TrainingEngine (pid 17386) died" in record["cause"]
+    RestartLog(None, 1).recovered("push_retry", died, 0, 1.0)  # without a run directory: the console only
