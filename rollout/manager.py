@@ -13,7 +13,7 @@ Every sample gets its own sampling seed from (seed, step, group, sample, tokens 
 it with `rollout.deterministic_sampling`. `take_metrics` reports each engine's tokens and tokens/s.
 
 Engine faults: with a `replace` callback (the loop's: rl/loop.py), every engine is probed before each
-step (a round trip to its SGLang scheduler, bounded by `probe_timeout_s`), and an engine that died or
+step (its reseed, a round trip to its SGLang schedulers, bounded by `probe_timeout_s`), and one that died or
 hangs is replaced: killed, started again in its bundles and given the current weights. An engine
 that dies during a step's batch is replaced the same way and its part of the batch is sent again
 from the samples as they were before the call, so nothing of the failed attempt is kept.
@@ -104,16 +104,19 @@ class RolloutManager:
         with self._lock:
             self.affinity.clear()
         if self.replace is not None:
-            self.check_health()
-        self.call_all_each(lambda j, e: e.reseed.remote(self.engine_seed(j)))
+            self.check_health()  # reseeds every engine, replacing those that do not answer
+        else:
+            self.call_all_each(lambda j, e: e.reseed.remote(self.engine_seed(j)))
 
     def engine_seed(self, engine: int) -> int:
         return request_seed(self.seed, self.step, engine)
 
     # --- engine faults ------------------------------------------------------------------------------
     def check_health(self) -> None:
-        """Probe every engine at once; replace those that failed or did not answer within the bound."""
-        probes = {e.health.remote(): j for j, e in enumerate(self.engines)}
+        """Probe every engine at once by seeding its sampler for the step (a round trip to each of its
+        SGLang schedulers, which the step needs anyway); replace those that failed or did not answer
+        within the bound."""
+        probes = {e.reseed.remote(self.engine_seed(j)): j for j, e in enumerate(self.engines)}
         ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=self.probe_timeout_s)
         for ref, j in probes.items():
             if ref not in ready:

@@ -123,12 +123,6 @@ class RolloutEngine:
                  "text": self.tokenizer.decode(o["output_ids"], skip_special_tokens=True),
                  "weight_version": self.weight_version} for o in outputs]
 
-    def health(self) -> bool:
-        """A round trip to the SGLang scheduler processes (the rollout manager's probe before each step);
-        fails or hangs if one of them is gone or stuck. Samples nothing, caches nothing."""
-        self.engine.get_server_info()
-        return True
-
     def context_length(self) -> int:
         """The longest sequence (prompt and output) the engine accepts."""
         return int(self.engine.tokenizer_manager.context_len)
