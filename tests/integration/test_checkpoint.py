@@ -18,6 +18,10 @@ from rl.algo.objectives import ObjectiveSettings
 from tests.helpers import make_samples, pick_port
 
 STEP_TOLERANCE = 1e-6  # a step under another TP layout reduces in another order: equal up to fp32 rounding
+# Softmax ignores a bias added to every key, so the key bias's gradient is zero but for rounding; Adam divides
+# that noise by its own size (plus eps), so the bias moves by up to ~lr * noise / eps and the layouts differ by
+# as much. Measured 2.1e-6 on one CI machine and below 1e-6 on another: compare it only to the step's scale.
+KEY_BIAS_TOLERANCE = 1e-4
 # Each engine: lr must come from the checkpoint; no clipping, so the step compares the checkpointed state
 # and not the clipping code.
 ENGINE = dict(device="cpu", lr=0.5, grad_clip=1e9)
@@ -167,7 +171,8 @@ def _assert_bitwise(got: dict, want: dict):
 def _assert_close(got: dict, want: dict, tol=STEP_TOLERANCE):
     assert got.keys() == want.keys()
     for k in want:
-        assert (got[k] - want[k]).abs().max().item() <= tol, k
+        limit = KEY_BIAS_TOLERANCE if k.endswith("k_proj.bias") else tol
+        assert (got[k] - want[k]).abs().max().item() <= limit, k
 
 
 @pytest.mark.multiproc
