@@ -231,6 +231,12 @@ def validate(c: Config) -> None:
              r.temperature_schedule)
     _require(r.prompts_per_step % a.updates_per_step == 0, "algorithm.updates_per_step",
              "must divide rollout.prompts_per_step", a.updates_per_step)
+    _require(a.routing_replay != "rollout" or r.return_routing, "algorithm.routing_replay",
+             "'rollout' replays the engines' routing: set rollout.return_routing=true", a.routing_replay)
+    for key, value, off in (("rollout.return_routing", r.return_routing, False),
+                            ("algorithm.routing_replay", a.routing_replay, "off")):
+        if value != off:
+            _require(_model_shape(c)["num_experts"] is not None, key, "needs a mixture-of-experts model", value)
     if p.path is not None:
         _require(os.path.isfile(p.path), "ptx.path", "file does not exist", p.path)
         _readable_records(p.path, PTX_FIELDS, "ptx.path")
@@ -383,5 +389,9 @@ def _model_shape(c: Config) -> dict:
             raise ConfigError(str(exc)) from None
         return model_shape(hf)
     m = c.model
+    if m.architecture != "qwen2":
+        from rl.demo.tiny_model import tiny_moe_shape
+
+        return tiny_moe_shape(m.architecture)
     return dict(num_layers=m.num_layers, num_heads=m.num_attention_heads, num_kv_heads=m.num_key_value_heads,
                 num_experts=None)

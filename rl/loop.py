@@ -134,9 +134,8 @@ class RLLoop:
     def train(self, samples: list[Sample]) -> dict[str, float]:
         """`updates_per_step` optimizer steps (with PTX demonstrations when on). The trainers take pi_old
         from the first update's own forward (and one extra pass only for later updates); their metrics
-        include logprob_mismatch_max, the largest |trainer - rollout| logprob over the tokens the current
-        weights sampled (older segments of partial rollouts differ by design; tool results were not
-        sampled)."""
+        include the trainer-rollout mismatch (rl/algo/mismatch.py) over the tokens the current weights
+        sampled (older segments of partial rollouts differ by design; tool results were not sampled)."""
         c = self.config
         if self.engines.rollout is not None:
             self.call_engines("release_memory")

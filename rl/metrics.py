@@ -84,6 +84,10 @@ def marked_timer(name: str, timing: dict[str, float]):
         timing[name] = timing.get(name, 0.0) + time.perf_counter() - start
 
 
+MISMATCH_KEYS = ("logprob_mismatch_max", "logprob_mismatch_mean", "mismatch_k3_kl", "tis_weight_mean",
+                 "tis_truncated_share", "mismatch_masked_share", "mismatch_dropped_sample_share", "routing_diff_share")
+
+
 def step_metrics(samples: list, train: dict[str, float], correct_threshold: float) -> dict[str, float]:
     """What every step logs about its samples and its update."""
     n = len(samples)
@@ -95,9 +99,9 @@ def step_metrics(samples: list, train: dict[str, float], correct_threshold: floa
         "loss": train["loss"],
         "grad_norm": train["grad_norm"],
         "lr": train["lr"],
-        "logprob_mismatch_max": train["logprob_mismatch_max"],
     }
-    for key in ("ptx_loss", "max_attn_logit"):  # with PTX; with MuonClip's QK-Clip
-        if key in train:
-            metrics[key] = train[key]
+    # the mismatch measures (rl/algo/mismatch.py; routing_diff_share with MoE routing), PTX's, QK-Clip's
+    for key, value in train.items():
+        if key in MISMATCH_KEYS or key in ("ptx_loss", "max_attn_logit"):
+            metrics[key] = value
     return metrics

@@ -14,6 +14,8 @@ import json
 import os
 import re
 
+import numpy as np
+
 from rl.sample import Sample
 
 STEP_FILE = re.compile(r"^step_(\d+)\.jsonl\.gz$")
@@ -35,7 +37,10 @@ def write_step(directory: str, step: int, samples: list[Sample]) -> str:
     path = step_path(directory, step)
     with gzip.open(path + ".tmp", "wt") as f:
         for s in samples:
-            f.write(json.dumps(dataclasses.asdict(dataclasses.replace(s, agent=None))) + "\n")
+            row = dataclasses.asdict(dataclasses.replace(s, agent=None, routed_experts=None))
+            if s.routed_experts is not None:  # MoE routing: [positions, layers, topk] as nested lists
+                row["routed_experts"] = np.asarray(s.routed_experts).tolist()
+            f.write(json.dumps(row) + "\n")
     os.replace(path + ".tmp", path)
     return path
 
@@ -49,4 +54,8 @@ def read_step(directory: str, step: int) -> list[Sample]:
         raise FileNotFoundError(f"rollout.replay_dir: {path} is missing ({directory} holds {there}); resume from "
                                 f"the checkpoint before the first step to replay (checkpoint.resume)")
     with gzip.open(path, "rt") as f:
-        return [Sample(**json.loads(line)) for line in f if line.strip()]
+        samples = [Sample(**json.loads(line)) for line in f if line.strip()]
+    for s in samples:
+        if s.routed_experts is not None:
+            s.routed_experts = np.asarray(s.routed_experts, dtype=np.int16)
+    return samples

@@ -5,6 +5,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+NOT_ROUTED = -1  # in routing arrays (Sample.routed_experts and the trainer's): no expert given, the router chooses
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -39,6 +41,10 @@ class Sample:
     reward: Optional[float] = None  # after budget control and length shaping (rl/algo/budget.py): what advantages use
     advantage: Optional[float] = None
     old_logprobs: list[float] = field(default_factory=list)  # trainer's logprobs under pi_old
+    # MoE: the experts the rollout engine routed each input position to, [len(tokens) - 1, layers, topk]
+    # ints (a numpy array; rollout.return_routing), each position as routed in the segment that first fed
+    # it; NOT_ROUTED where the trainer is to route (tool results)
+    routed_experts: Any = None
     ptx: bool = False  # a curated demonstration for the PTX loss (trained by NLL), not a rollout
     # an agentic episode's rollout.agents.trace.AgentTrace (turns, tools, sub-agents, environment); None
     # otherwise. Tool results sit in response_ids with loss_mask 0; the trainers never see the trace.

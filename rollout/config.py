@@ -31,6 +31,12 @@ class RolloutConfig:
     partial_segment_tokens: Optional[int] = field(default=None, metadata={"ge": 1})
     mask_old_segments: bool = False  # train only on the tokens the current weights sampled
     max_total_tokens: int = 8192  # SGLang KV-cache cap; its default pre-allocates GBs on CPU
+    # the rollout engines' precision, independent of the trainer's (fp32): bf16 is what large runs serve
+    # in, and what makes the train-inference mismatch (rl/algo/mismatch.py) real
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    # MoE: the engines report the experts each token was routed to (Sample.routed_experts), for
+    # algorithm.routing_replay=rollout and the routing_diff_share metric
+    return_routing: bool = False
     tensor_parallel_size: int = field(default=1, metadata={"ge": 1})
     # rollout engines, each over tensor_parallel_size GPU bundles of one node; None: every bundle
     # serves rollout (trainer world size / tensor_parallel_size engines)

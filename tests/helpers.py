@@ -51,3 +51,55 @@ def make_samples(model_path: str, prompt: str, reference: str, responses, reward
 
 def stub_calls(path: str) -> list[str]:
     return open(path).read().split() if os.path.exists(path) else []
+
+
+def run_loop_recording(config, model_path: str, run_dir: str, before_shutdown=None) -> dict:
+    """Run `config.steps` steps of the real RL loop (its actors started here and shut down after) and
+    record per step what the trainers were given to train on ("batches"), the loop's samples
+    ("trained") and its metrics; `before_shutdown(engines)`'s result comes back as "checked"."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from rl.actors import Actors
+    from rl.loop import RLLoop
+    from rl.metrics import MetricsLogger
+
+    engines = Actors.start(config, model_path)
+    out = {"batches": [], "trained": [], "metrics": [], "checked": None}
+    try:
+        logger = MetricsLogger(run_dir, config, config.steps, "disabled", "tandem")
+        loop = RLLoop(config, engines, AutoTokenizer.from_pretrained(model_path), logger)
+        call_trainers = loop.call_trainers
+
+        def spy(method, *args, **kwargs):  # what the trainers are given to train on
+            if method == "train_step":
+                out["batches"].append(args[0])
+            return call_trainers(method, *args, **kwargs)
+        loop.call_trainers = spy
+        for _ in range(config.steps):
+            out["metrics"].append(loop.step())
+            out["trained"].append(loop.last_samples)
+        if before_shutdown is not None:
+            out["checked"] = before_shutdown(engines)
+        loop.gateway.close()
+        logger.close()
+    finally:
+        engines.shutdown()
+        ray.shutdown()
+    return out
+
+
+def preset(name: str, overrides: list[str]):
+    """The `conf/<name>.yaml` job with Hydra `overrides`, loaded and checked, and its model's directory
+    (the demo model built and cached if it is the one)."""
+    from hydra import compose, initialize_config_dir
+
+    import rl.train  # noqa: F401 - registers the config schema with Hydra
+    from rl.config import load_config
+    from rl.demo.warm_start import demo_model_path
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        config = load_config(compose(config_name=name, overrides=overrides))
+    path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
+    return config, path

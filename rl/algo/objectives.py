@@ -17,7 +17,8 @@ Notation (docs/kimi-methods.md §1): l = logp - logp_old per token, rho = exp(l)
 - gspo: the same clipped form on the sequence ratio s = exp(mean_t l), per sample.
 
 Truncated importance sampling (TIS) multiplies token terms by min(pi_old / pi_rollout, cap), detached:
-a correction for the gap between the trainer's and the rollout engine's probabilities.
+a correction for the gap between the trainer's and the rollout engine's probabilities. The other
+corrections (token masking, sequence rejection: rl/algo/mismatch.py) drop tokens from the mask first.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from rl.algo.mismatch import MismatchSettings, correction_keep
 
 AGGREGATIONS = ("group_mean", "sample_mean", "token_mean", "sequence_mean_token_mean")
 OLD_POLICIES = ("trainer", "rollout")
@@ -63,9 +66,10 @@ def register_objective(name: str, *, sequence_level: bool = False, aggregation: 
 
 
 @dataclass
-class ObjectiveSettings:
-    """The knobs of every objective (rl/algo/config.py's AlgorithmConfig extends this; the defaults are
-    ours where Kimi is silent). Bounds sit in each field's metadata, checked before a run starts."""
+class ObjectiveSettings(MismatchSettings):
+    """The knobs of every objective and of the mismatch corrections (rl/algo/mismatch.py); rl/algo/config.py's
+    AlgorithmConfig extends this; the defaults are ours where Kimi is silent). Bounds sit in each field's
+    metadata, checked before a run starts."""
     objective: str = field(default="kimi_k2", metadata={"choices": OBJECTIVES})
     tau: float = field(default=0.01, metadata={"ge": 0})  # kimi_*: weight of the squared log-ratio
     # kimi_k25: alpha and beta (undisclosed)
@@ -87,6 +91,7 @@ class ObjectiveSettings:
 
     def check(self) -> None:
         """The checks that span fields (ValueError names the field)."""
+        self.check_bands()
         if not self.ratio_low < self.ratio_high:
             raise ValueError(f"ratio_low: must be < algorithm.ratio_high ({self.ratio_high}) (alpha < beta) "
                              f"(got {self.ratio_low!r})")
@@ -175,7 +180,11 @@ def sample_losses(s: ObjectiveSettings, logprobs: torch.Tensor, old_logprobs: to
     token_weights = None
     if s.tis_cap is not None and not objective.sequence_level:
         token_weights = truncated_importance_weights(old_logprobs, rollout_logprobs, s.tis_cap)
-    inputs = LossInputs(logprobs, old_logprobs, rollout_logprobs, advantages, mask.to(logprobs.dtype), token_weights)
+    mask = mask.to(logprobs.dtype)
+    keep = correction_keep(old_logprobs, rollout_logprobs, mask, s)  # IcePop / MIS masks, sequence rejection
+    if keep is not None:
+        mask = mask * keep
+    inputs = LossInputs(logprobs, old_logprobs, rollout_logprobs, advantages, mask, token_weights)
     return objective.loss(inputs, s)
 
 

@@ -25,6 +25,9 @@ class ModelConfig:
     # demo: 62 symbols (the addition task's) | printable: printable ASCII (tool calls)
     tokenizer: str = field(default="demo", metadata={"choices": tuple(sorted(TOKENIZERS))})
     max_position_embeddings: int = field(default=256, metadata={"gt": 0})
+    # qwen2 (dense, the shape above) | qwen3_moe | deepseek_v3 (the tiny MoE builders' own shapes,
+    # rl/demo/tiny_model.py: 4 or 8 experts, top-2; with the tokenizer and context above; conf/moe_demo.yaml)
+    architecture: str = field(default="qwen2", metadata={"choices": ("qwen2", "qwen3_moe", "deepseek_v3")})
 
     def check(self) -> None:
         if self.path is not None:

@@ -92,6 +92,12 @@ def _spread_routers(model: torch.nn.Module, router_std: float, bias_std: float) 
                     bias.normal_(0.0, bias_std)
 
 
+# YaRN as DeepSeek-V3 and Kimi K2 configure it (mscale == mscale_all_dim), scaled to the tiny context.
+# SGLang's CPU path serves MLA only with this rotary kind ("deepseek_yarn"), so it is the tiny model's default.
+TINY_DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
 def create_tiny_deepseek_v3(
     path: str,
     seed: int = 0,
@@ -115,14 +121,17 @@ def create_tiny_deepseek_v3(
     rope_interleave: bool = True,
     rope_parameters: dict | None = None,
     tie_word_embeddings: bool = False,
+    characters: str = CHARACTERS,
+    max_position_embeddings: int = 256,
 ) -> str:
     """Write a randomly initialised tiny DeepSeek-V3 (Kimi K2's architecture: MLA, dense first layers,
-    routed + shared experts, sigmoid group-limited routing with a correction bias) to `path`."""
+    routed + shared experts, sigmoid group-limited routing with a correction bias) to `path`; one token
+    per character of `characters` (both MoE builders)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(characters)
     config = DeepseekV3Config(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        vocab_size=2 + len(characters), hidden_size=hidden_size, num_hidden_layers=num_layers,
         first_k_dense_replace=first_k_dense_replace, num_attention_heads=num_attention_heads,
         num_key_value_heads=num_attention_heads, intermediate_size=intermediate_size,
         moe_intermediate_size=moe_intermediate_size, n_routed_experts=n_routed_experts,
@@ -130,8 +139,9 @@ def create_tiny_deepseek_v3(
         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor, norm_topk_prob=True,
         q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
         qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, rope_interleave=rope_interleave,
-        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-        num_mtp_layers=0, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters=rope_parameters or dict(TINY_DEEPSEEK_YARN),
+        moe_layer_freq=1, topk_method="noaux_tc", scoring_func="sigmoid",  # DeepSeek-V3's keys that SGLang reads
+        num_mtp_layers=0, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
         tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
     )
@@ -181,20 +191,22 @@ def create_tiny_qwen3_moe(
     norm_topk_prob: bool = True,
     mlp_only_layers: list[int] | None = None,
     tie_word_embeddings: bool = False,
+    characters: str = CHARACTERS,
+    max_position_embeddings: int = 256,
 ) -> str:
     """Write a randomly initialised tiny Qwen3-MoE (GQA with q/k norms, routed experts, softmax top-k
     routing) to `path`."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(characters)
     config = Qwen3MoeConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        vocab_size=2 + len(characters), hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
         intermediate_size=intermediate_size, moe_intermediate_size=moe_intermediate_size,
         num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, norm_topk_prob=norm_topk_prob,
         decoder_sparse_step=1, mlp_only_layers=mlp_only_layers or [], use_sliding_window=False,
         sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
     )
@@ -203,3 +215,17 @@ def create_tiny_qwen3_moe(
     _spread_routers(model, router_std=0.1, bias_std=0.0)
     save_hf(model, tokenizer, path)
     return path
+
+
+MOE_BUILDERS = {"qwen3_moe": create_tiny_qwen3_moe, "deepseek_v3": create_tiny_deepseek_v3}
+
+
+def tiny_moe_shape(architecture: str) -> dict:
+    """The shape a parallel layout is checked against (rl/trainer/parallel_layout.py) of the tiny MoE
+    `architecture` as its builder makes it by default."""
+    from inspect import signature
+
+    p = {name: param.default for name, param in signature(MOE_BUILDERS[architecture]).parameters.items()}
+    return dict(num_layers=p["num_layers"], num_heads=p["num_attention_heads"],
+                num_kv_heads=p.get("num_key_value_heads", p["num_attention_heads"]),
+                num_experts=p.get("num_experts") or p["n_routed_experts"], latent_attention="kv_lora_rank" in p)

@@ -1,6 +1,6 @@
 """Supervised warm start of the demo model, so RL starts from a weak but non-zero policy.
 
-The random tiny Qwen2 is trained with HF transformers on "a+b=c<eos>" (loss on the answer tokens
+The random tiny Qwen2 (or tiny MoE: `model.architecture`) is trained with HF transformers on "a+b=c<eos>" (loss on the answer tokens
 only) with label smoothing, for a fixed number of steps with a cosine learning-rate decay. Label
 smoothing leaves probability spread over wrong tokens, so the converged policy ranks the right
 answer first (greedy accuracy near 1) but the policy RL samples from (temperature 1) is mostly
@@ -18,13 +18,13 @@ import shutil
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards.builtin.verifiable import exact_match
 from rl.data.config import TaskConfig
 from rl.data.tasks import AdditionTask
 from rl.demo.config import ModelConfig, WarmStartConfig
-from rl.demo.tiny_model import TOKENIZERS, create_tiny_qwen2, save_hf
+from rl.demo.tiny_model import MOE_BUILDERS, TOKENIZERS, create_tiny_qwen2, save_hf
 from rl.sample import Problem
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,18 @@ def demo_model_path(model: ModelConfig, warm: WarmStartConfig, task: TaskConfig)
     key = json.dumps([_RECIPE_VERSION, dataclasses.asdict(model), dataclasses.asdict(warm),
                       dataclasses.asdict(task)], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = os.path.abspath(os.path.join(model.cache_dir, f"tiny-qwen2-{task.name}-{digest}"))
+    path = os.path.abspath(os.path.join(model.cache_dir, f"tiny-{model.architecture}-{task.name}-{digest}"))
     if os.path.isfile(os.path.join(path, "warm_start.json")):
         return path
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    create_tiny_qwen2(tmp, model.hidden_size, model.num_layers, model.num_attention_heads,
-                      model.num_key_value_heads, model.intermediate_size, seed=task.seed,
-                      characters=TOKENIZERS[model.tokenizer], max_position_embeddings=model.max_position_embeddings)
+    if model.architecture == "qwen2":
+        create_tiny_qwen2(tmp, model.hidden_size, model.num_layers, model.num_attention_heads,
+                          model.num_key_value_heads, model.intermediate_size, seed=task.seed,
+                          characters=TOKENIZERS[model.tokenizer], max_position_embeddings=model.max_position_embeddings)
+    else:  # the tiny MoE builders' shapes
+        MOE_BUILDERS[model.architecture](tmp, seed=task.seed, characters=TOKENIZERS[model.tokenizer],
+                                         max_position_embeddings=model.max_position_embeddings)
     stream = AdditionTask(task.digits, task.seed + _WARM_START_SEED_OFFSET, task.reverse_answer)
     report = warm_start(tmp, warm, stream)
     with open(os.path.join(tmp, "warm_start.json"), "w") as f:
@@ -88,7 +92,7 @@ def warm_start(path: str, cfg: WarmStartConfig, task: AdditionTask) -> dict:
     """Train the model at `path` in place; report its greedy and sampled accuracy on held-out problems."""
     torch.manual_seed(task.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(1, cfg.steps))
     for step in range(1, cfg.steps + 1):

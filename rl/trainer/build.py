@@ -37,6 +37,7 @@ def build_model(hf_config, arch, layout: ParallelLayout, device: str, padded_voc
         params_dtype=torch.float32, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         qk_clip=qk_clip_tau is not None, qk_clip_threshold=qk_clip_tau or 100.0,
+        moe_enable_routing_replay=True,  # MoE routers call a RouterReplay (rl/trainer/routing.py); dense: unused
         cuda_graph_scope=[],  # the whole layer, as Megatron's default "full" (which warns it is deprecated)
         **cpu_overrides,
     )

@@ -25,9 +25,10 @@ from transformers import AutoConfig
 from checkpoint_engine.endpoint import Endpoint, engine_delivery
 from checkpoint_engine.group import node_address
 from checkpoint_engine.transports import transport
+from rl.algo.mismatch import mismatch_metrics
 from rl.algo.objectives import ObjectiveSettings
 from rl.sample import Sample
-from rl.trainer import compute
+from rl.trainer import compute, routing
 from rl.trainer.build import build_model, wrap_ddp
 from rl.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rl.trainer.config import TrainerConfig
@@ -84,6 +85,9 @@ class TrainingEngine:
         self.model = build_model(self.hf_config, self.arch, self.layout, self.device, self.padded_vocab,
                                  config.qk_clip_tau, self.first_stage, self.last_stage)
         self.ddp = wrap_ddp(self.model)
+        self.moe = getattr(self.model.config, "num_moe_experts", None) is not None
+        self.routers = routing.install(self.model)  # MoE: replay and record per layer (rl/trainer/routing.py)
+        self.recorded_routing: Optional[list] = None
         # the output layer's logits only where responses are predicted (rl/trainer/response_logits.py)
         self.response_logits = ResponseLogits(self.model, trims=not self.model.config.sequence_parallel
                                               ) if self.last_stage else None
@@ -152,15 +156,17 @@ class TrainingEngine:
         positions = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
         return self.model(input_ids=input_ids, position_ids=positions, attention_mask=None)
 
-    def compute_logprobs(self, samples: list[Sample]) -> list[list[float]]:
+    def compute_logprobs(self, samples: list[Sample], record_routing: bool = False,
+                         replay: Optional[list] = None) -> list[list[float]]:
         """Per-response-token logprobs of each sample under the current weights, at the sample's
-        sampling temperature (on every rank)."""
-        return compute.compute_logprobs(self, samples)
+        sampling temperature (on every rank); MoE: replaying and recording routing (see compute.py)."""
+        return compute.compute_logprobs(self, samples, record_routing, replay)
 
     def compute_gradients(self, samples: list[Sample], objective: ObjectiveSettings,
-                          ptx_coef: float = 0.0, version: Optional[int] = None) -> dict[str, float]:
+                          ptx_coef: float = 0.0, version: Optional[int] = None,
+                          replay: Optional[list] = None) -> dict[str, float]:
         """Forward and backward over one minibatch: DP-reduced grads in `main_grad` (see compute.py)."""
-        return compute.compute_gradients(self, samples, objective, ptx_coef, version)
+        return compute.compute_gradients(self, samples, objective, ptx_coef, version, replay)
 
     def grad_norm(self) -> float:
         """The global L2 norm of the gradients in `main_grad`, over every distinct parameter."""
@@ -174,22 +180,29 @@ class TrainingEngine:
 
         pi_old, for samples that do not carry it: the first minibatch's training forward gives it (the
         weights have not moved yet); the later minibatches' come from one no-grad pass before the first
-        update. With one update a step (the default) there is no separate pass at all. `version`: the
-        weights being trained, whose sampled tokens the mismatch metric covers (logprob_mismatch_max)."""
+        update. With one update a step (the default) there is no separate pass at all; with
+        `routing_replay: trainer` (R2) that pass's MoE routing is replayed in the later minibatches' updates.
+        `version`: the weights being trained, whose sampled tokens the mismatch metrics cover
+        (rl/algo/mismatch.py)."""
         start = time.perf_counter()
         group_ids = sorted({s.group_id for s in samples})
         chunks = [set(group_ids[i::num_minibatches]) for i in range(num_minibatches)]
         minibatches = [[s for s in samples if s.group_id in chunk] + list(ptx[n::num_minibatches])
                        for n, chunk in enumerate(chunks)]
         later = [s for minibatch in minibatches[1:] for s in minibatch if not carries_old(s)]
+        r2 = objective.routing_replay == "trainer"
+        recorded: dict[int, object] = {}
         if later:
-            with_old = {id(s): dataclasses.replace(s, old_logprobs=lp)
-                        for s, lp in zip(later, self.compute_logprobs(later))}
+            r3 = [s.routed_experts for s in later] if objective.routing_replay == "rollout" else None
+            with_old = {id(s): dataclasses.replace(s, old_logprobs=lp)  # pi_old replays R3's routing too
+                        for s, lp in zip(later, self.compute_logprobs(later, record_routing=r2, replay=r3))}
+            recorded = {id(with_old[id(s)]): r for s, r in zip(later, self.recorded_routing or [])}
             minibatches = [minibatches[0]] + [[with_old.get(id(s), s) for s in mb] for mb in minibatches[1:]]
         results, norms, max_logits = [], [], []
         for minibatch in minibatches:
             reset_max_attn_logits([self.model])  # logits seen by logprob/eval passes do not count
-            results.append(self.compute_gradients(minibatch, objective, ptx_coef, version))
+            replay = [recorded.get(id(s)) for s in minibatch] if recorded else None
+            results.append(self.compute_gradients(minibatch, objective, ptx_coef, version, replay))
             norms.append(self._clip_grad_norm())
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             for p in self.model.parameters():
@@ -203,7 +216,9 @@ class TrainingEngine:
         metrics = {"loss": sum(r["loss"] for r in results) / len(results), "grad_norm": max(norms), "lr": lr,
                    "train_seconds": time.perf_counter() - start}
         if version is not None:
-            metrics["logprob_mismatch_max"] = max(r["mismatch"] for r in results)
+            sums = {k: sum(r["sums"][k] for r in results) for k in results[0]["sums"]}
+            sums["abs_max"] = max(r["sums"]["abs_max"] for r in results)
+            metrics.update(mismatch_metrics(sums))
         if ptx:
             metrics["ptx_loss"] = sum(r["ptx_loss"] for r in results) / len(results)
         if max_logits:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
-from rl.sample import Sample
+from rl.sample import NOT_ROUTED, Sample
 
 
 @dataclass
@@ -32,6 +33,9 @@ class MicroBatch:
     old_given: torch.Tensor  # [rows] 1.0 where the sample carries pi_old; else the forward's own logprobs are it
     fresh: torch.Tensor  # [rows, width - 1] 1 on loss tokens sampled by weight version `version` (the mismatch's)
     first: int = 0  # the first position any row predicts a response token from (its logits are all we need)
+    # MoE routing per input position [rows, width, layers, topk] (rl/trainer/routing.py; -1: not given):
+    replay: Optional[torch.Tensor] = None  # the experts to replay (routing_replay), None: the router chooses
+    rollout_routing: Optional[torch.Tensor] = None  # the rollout engine's, which the routing-difference metric reads
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -40,10 +44,13 @@ def _round_up(n: int, multiple: int) -> int:
 
 def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], dp_size: int, dp_rank: int,
                         token_budget: int, width_multiple: int = 1, uniform: bool = False,
-                        version: Optional[int] = None) -> list[MicroBatch]:
+                        version: Optional[int] = None, replay: Optional[list] = None,
+                        compare_routing: bool = False) -> list[MicroBatch]:
     """This DP rank's micro-batches of `samples` (by length), each within `token_budget` padded tokens
     per rank where possible (a single over-long sample still gets a micro-batch of its own). `version`:
-    the weight version whose sampled tokens are marked `fresh`.
+    the weight version whose sampled tokens are marked `fresh`. `replay`: per sample, the experts its
+    forward replays ([positions, layers, topk] or None); None: no replay. `compare_routing`: also carry
+    the rollout engine's routing (`rollout_routing`) for the routing-difference metric.
 
     `uniform` pads every micro-batch to the same rows and width: pipeline stages exchange activations
     of one fixed shape.
@@ -66,8 +73,29 @@ def split_micro_batches(samples: list[Sample], weights: Optional[torch.Tensor], 
               for run in runs]
     if uniform:
         shapes = [(max(r for r, _ in shapes), max(w for _, w in shapes))] * len(runs)
-    return [_pack([samples[i] for i in run[dp_rank::dp_size]], run[dp_rank::dp_size], weights, rows, width, version)
-            for run, (rows, width) in zip(runs, shapes)]
+    batches = []
+    for run, (rows, width) in zip(runs, shapes):
+        mine = run[dp_rank::dp_size]
+        batch = _pack([samples[i] for i in mine], mine, weights, rows, width, version)
+        if compare_routing:
+            batch.rollout_routing = _routing([samples[i].routed_experts for i in mine], rows, width)
+        if replay is not None:  # R3 replays the rollout's own routing: one tensor serves both
+            same = compare_routing and all(replay[i] is samples[i].routed_experts for i in mine)
+            batch.replay = batch.rollout_routing if same else _routing([replay[i] for i in mine], rows, width)
+        batches.append(batch)
+    return batches
+
+
+def _routing(per_sample: list, rows: int, width: int) -> Optional[torch.Tensor]:
+    """Per-sample routing arrays ([positions, layers, topk]) as one [rows, width, layers, topk] tensor,
+    NOT_ROUTED where not given; None when no sample has any."""
+    given = [(row, r) for row, r in enumerate(per_sample) if r is not None and len(r)]
+    if not given:
+        return None
+    out = torch.full((rows, width, *given[0][1].shape[1:]), NOT_ROUTED, dtype=torch.int32)
+    for row, r in given:
+        out[row, :len(r)] = torch.tensor(np.asarray(r), dtype=torch.int32)
+    return out
 
 
 def carries_old(s: Sample) -> bool:

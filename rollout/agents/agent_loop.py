@@ -24,6 +24,7 @@ from rl.sample import Sample
 from rollout.agents.environments.base import Environment
 from rollout.agents.tools import Tool, final_answer, parse_tool_calls, run_tool, turn_regex
 from rollout.agents.trace import AgentTrace, Stage
+from rollout.sglang.routing import merge_segment_routing, trainer_routes_tool_tokens
 
 Generate = Callable[[dict], Awaitable[dict]]  # one turn request -> its result (RolloutEngine.generate_turns)
 ToolsFor = Callable[[AgentTrace], list[Tool]]  # the tools an episode has now
@@ -147,6 +148,9 @@ class AgentRunner:
         if self.fmt.constrain_format:
             request["regex"] = turn_regex(tools, lim.max_calls_per_turn, self.fmt.answer_chars)
         out = await self.generate(request)
+        if "routed_experts" in out:  # MoE routing, for routing replay: tool results left to the trainer
+            sample.routed_experts = trainer_routes_tool_tokens(
+                merge_segment_routing(sample.routed_experts, out["routed_experts"]), sample)
         start = len(sample.response_ids)
         self._append(sample, out["output_ids"], out["logprobs"], out["weight_version"], trained=True)
         trace.turn_spans.append((start, len(sample.response_ids)))

@@ -12,6 +12,10 @@ here runs). What it does, and why (each measured on our CPU machines; the README
   `gc.collect()` on every `flush_cache` (its stand-in for `torch.cuda.empty_cache`), which walked the
   whole heap of a scheduler (everything SGLang imports) in 0.35 s, after every weight push. Frozen
   start-up objects are skipped by the collector, so a flush drops to milliseconds.
+- `in_scheduler`, run by SGLang in each of its processes as a plugin (`cpu_stubs/tandem_sglang_cpu-0.dist-info`
+  declares it; it is found only while the stand-ins' directory is on the path): the host buffer of the
+  routed-experts capturer (`enable_return_routed_experts`, for routing replay) is allocated without
+  `cudaHostRegister`, which SGLang calls for it on every device and which fails without CUDA.
 """
 from __future__ import annotations
 
@@ -36,6 +40,20 @@ def apply() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([STUBS_DIR, *paths])
     if STUBS_DIR not in sys.path:
         sys.path.insert(0, STUBS_DIR)
+
+
+def in_scheduler() -> None:
+    """SGLang plugin: host buffers on CPU are plain memory (nothing to pin or register with CUDA)."""
+    from sglang.srt.mem_cache.pool_host import common
+
+    def plain(dims, dtype, device, pin_memory, allocator, registration_granularity_bytes=None):
+        return allocator.allocate(dims, dtype=dtype, device=device)
+
+    common.ALLOC_MEMORY_FUNCS["cpu"] = plain
+
+    from sglang.srt.models.deepseek_common import attention_backend_handler as mla
+
+    mla.AttentionBackendRegistry.register("torch_native", mla._dispatch_mla_subtype)
 
 
 def engine_kwargs(tp_size: int) -> dict:

@@ -16,6 +16,7 @@ from rl.sample import Sample
 from rollout.config import RolloutConfig
 from rollout.sglang import loader as sglang_loader
 from rollout.sglang.rendezvous import schedulers_meet_on_loopback
+from rollout.sglang.routing import decode_routed_experts, merge_segment_routing, routed_experts_shape
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +40,7 @@ def prefill_shared_prompts(engine, prompts: list[list[int]]) -> None:
 
 class RolloutEngine:
     def __init__(self, model_path: str, config: Optional[RolloutConfig] = None, device: str = "auto", seed: int = 0,
-                 dtype: str = "float32", gpu_ids: Optional[list[str]] = None, threads: Optional[int] = None):
+                 gpu_ids: Optional[list[str]] = None, threads: Optional[int] = None):
         """An SGLang engine of `config`'s tensor-parallel size, KV-cache cap and memory settings. `gpu_ids`:
         the GPUs of the engine's placement-group bundles; its worker processes see exactly these (Ray
         gives the actor only the GPU of the bundle it sits in). `threads`: torch threads of each of its
@@ -67,9 +68,9 @@ class RolloutEngine:
         import sglang
 
         with schedulers_meet_on_loopback() as store:  # single-node: no listener beyond loopback
-            self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=dtype,
+            self.engine = sglang.Engine(model_path=model_path, tp_size=tensor_parallel_size, dtype=config.dtype,
                                         max_total_tokens=config.max_total_tokens, random_seed=seed, log_level="error",
-                                        sleep_on_idle=config.sleep_on_idle,
+                                        sleep_on_idle=config.sleep_on_idle, enable_return_routed_experts=config.return_routing,
                                         custom_weight_loader=loaders, **kwargs)
         self.rendezvous_store = store  # the schedulers' process group keeps using it
         # CPU: objects each scheduler process keeps from start-up, now out of the collector's reach
@@ -78,6 +79,7 @@ class RolloutEngine:
         self.weight_version = 0
         self.can_release_memory = self.device != "cpu" and release_memory_during_train
         self.prefill_shared_prompts = config.prefill_shared_prompts
+        self.routing_shape = routed_experts_shape(model_path) if config.return_routing else None
 
     def generate(self, samples: list[Sample], max_new_tokens: Union[int, list[int]],
                  seeds: Optional[list[int]] = None) -> list[Sample]:
@@ -94,9 +96,11 @@ class RolloutEngine:
         if self.prefill_shared_prompts:
             self.prefill_shared(samples)
         outputs = self.engine.generate(input_ids=[s.tokens for s in samples], sampling_params=params,
-                                       return_logprob=True)
+                                       return_logprob=True, return_routed_experts=self.routing_shape is not None)
         for s, out in zip(samples, outputs):
             new = list(out["output_ids"])
+            if self.routing_shape is not None:
+                s.routed_experts = merge_segment_routing(s.routed_experts, decode_routed_experts(out, self.routing_shape))
             s.response_ids = s.response_ids + new
             s.rollout_logprobs = s.rollout_logprobs + [lp for lp, _tok, _text in out["meta_info"]["output_token_logprobs"]]
             s.token_versions = s.token_versions + [self.weight_version] * len(new)
@@ -112,16 +116,19 @@ class RolloutEngine:
     def generate_turns(self, requests: list[dict]) -> list[dict]:
         """One agent turn per request, token-in/token-out: each request has `input_ids`, `max_new_tokens`,
         `temperature` and optionally `regex`; each result the sampled `output_ids` (a final EOS
-        included), their `logprobs`, `finish_reason`, `text` and the engine's `weight_version`."""
+        included), their `logprobs`, `finish_reason`, `text`, the engine's `weight_version` and, with
+        `rollout.return_routing`, `routed_experts` (every input position's, rollout/sglang/routing.py)."""
         params = [{"temperature": r["temperature"], "max_new_tokens": r["max_new_tokens"],
                    **({"regex": r["regex"]} if r.get("regex") else {})} for r in requests]
         outputs = self.engine.generate(input_ids=[r["input_ids"] for r in requests], sampling_params=params,
-                                       return_logprob=True)
+                                       return_logprob=True, return_routed_experts=self.routing_shape is not None)
         return [{"output_ids": list(o["output_ids"]),
                  "logprobs": [lp for lp, _tok, _text in o["meta_info"]["output_token_logprobs"]],
                  "finish_reason": o["meta_info"]["finish_reason"]["type"],
                  "text": self.tokenizer.decode(o["output_ids"], skip_special_tokens=True),
-                 "weight_version": self.weight_version} for o in outputs]
+                 "weight_version": self.weight_version,
+                 **({"routed_experts": decode_routed_experts(o, self.routing_shape)}
+                    if self.routing_shape is not None else {})} for o in outputs]
 
     def context_length(self) -> int:
         """The longest sequence (prompt and output) the engine accepts."""

@@ -6,55 +6,33 @@ import os
 
 import pytest
 
+from tests.helpers import preset, run_loop_recording
+
 
 @pytest.mark.integration
 def test_parl_trains_the_orchestrator_and_leaves_the_subagents_frozen(tmp_path):
     import ray
-    from hydra import compose, initialize
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    import rl.train  # noqa: F401 - registers the config schema with Hydra
-    from rl.actors import Actors
-    from rl.config import load_config
-    from rl.demo.warm_start import demo_model_path
-    from rl.loop import RLLoop
-    from rl.metrics import MetricsLogger
     from rollout.agents.environments.knowledge_base import WideSearchEnvironment
     from rollout.agents.swarm import SwarmSettings
 
     run_dir = str(tmp_path / "run")
-    with initialize(config_path="../../conf", version_base="1.3"):
-        cfg = compose(config_name="swarm_wide_search", overrides=[
-            "steps=2", "seed=1", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=3",
-            "agent.partial_tokens=300", "agent.swarm.max_critical_steps=5", "sync.verify_full=true", "logging.wandb_mode=disabled",
-            f"logging.run_dir={run_dir}"])
-    config = load_config(cfg)
-    model_path = demo_model_path(config.model, config.warm_start, config.task)
+    config, model_path = preset("swarm_wide_search", [
+        "steps=2", "seed=1", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=3",
+        "agent.partial_tokens=300", "agent.swarm.max_critical_steps=5", "sync.verify_full=true", "logging.wandb_mode=disabled",
+        f"logging.run_dir={run_dir}"])
     initial = load_file(os.path.join(model_path, "model.safetensors"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    engines = Actors.start(config, model_path)
-    batches, trained, metrics = [], [], []
-    try:
-        logger = MetricsLogger(run_dir, config, config.steps, "disabled", "tandem")
-        loop = RLLoop(config, engines, tokenizer, logger)
-        call_trainers = loop.call_trainers
 
-        def spy(method, *args, **kwargs):  # what the trainers are given to train on
-            if method == "train_step":
-                batches.append(args[0])
-            return call_trainers(method, *args, **kwargs)
-        loop.call_trainers = spy
-        for _ in range(config.steps):
-            metrics.append(loop.step())
-            trained.append(loop.last_samples)
-        subagent_changed = ray.get(engines.subagents.engines[0].verify_weights.remote(initial), timeout=120)
-        policy_changed = ray.get(engines.rollout.engines[0].verify_weights.remote(initial), timeout=120)
-        loop.gateway.close()
-        logger.close()
-    finally:
-        engines.shutdown()
-        ray.shutdown()
+    def verify(engines):  # each engine's weights against the initial ones: names of those that changed
+        return [ray.get(group.engines[0].verify_weights.remote(initial), timeout=120)
+                for group in (engines.subagents, engines.rollout)]
+
+    run = run_loop_recording(config, model_path, run_dir, verify)
+    batches, trained = run["batches"], run["trained"]
+    subagent_changed, policy_changed = run["checked"]
 
     # the sub-agents' engine kept the fixed checkpoint; the orchestrator's engine took every update (and
     # sync.verify_full checked it equals the trainer's weights after each push)

@@ -6,6 +6,7 @@ import json
 import pickle
 import re
 
+import numpy as np
 import pytest
 
 from rewards.builtin.agentic import apply_parl, environment_reward, r_finish, r_parallel
@@ -120,6 +121,32 @@ def test_episode_keeps_sampled_tokens_and_masks_tool_results():
     assert tool_text == "\n<tool_response>413</tool_response>\n"
     assert all(lp == 0.0 for lp in s.rollout_logprobs[a1:b0]) and s.trained_tokens == (a1 - a0) + (b1 - b0)
     assert s.response_ids[a1 - 1] == TOK.eos_token_id  # the turn's sampled end stays in the context
+
+
+class RoutingEngine(ScriptedEngine):
+    """Also reports MoE routing as RolloutEngine does with rollout.return_routing: every input position
+    but the last sampled token, here expert = 100 * turn + position in each of 2 layers x top-2."""
+
+    async def __call__(self, request: dict) -> dict:
+        out = await super().__call__(request)
+        positions = len(request["input_ids"]) + len(out["output_ids"]) - 1
+        turn = len(self.requests)
+        out["routed_experts"] = np.broadcast_to((100 * turn + np.arange(positions))[:, None, None],
+                                                (positions, 2, 2)).astype(np.int16)
+        return out
+
+
+def test_episode_routing_keeps_each_turns_own_and_leaves_tool_results_to_the_trainer():
+    engine = RoutingEngine(calculator_script)
+    s = run_episode(AgentRunner(engine, TOK, AgentLimits(), TurnFormat()), CalculatorEnvironment(),
+                    "What is 12*34+5?", "413")
+    (a0, a1), (b0, b1) = s.agent.turn_spans
+    routed, p = s.routed_experts[:, 0, 0], len(s.prompt_ids)
+    assert s.routed_experts.shape == (len(s.tokens) - 1, 2, 2)
+    assert (routed[:p + a1 - 1] == 100 + np.arange(p + a1 - 1)).all()  # the first turn's, as it ran them
+    assert (routed[p + a1:p + b0] == -1).all()  # tool result: the trainer routes it
+    assert (routed[p + b0:] == 200 + np.arange(p + b0, len(s.tokens) - 1)).all()  # the second turn's
+    assert routed[p + a1 - 1] == 200 + p + a1 - 1  # the first turn's last sampled token first ran in turn 2
 
 
 def test_limits_stop_episodes():

@@ -1,5 +1,6 @@
 """rl/rollout_dump.py: a step's samples survive the round trip to disk exactly, and a replay's settings
 are checked before anything starts."""
+import numpy as np
 import pytest
 
 from rl.config import ConfigError, load_config
@@ -27,6 +28,16 @@ def test_a_step_reads_back_as_the_trainers_got_it(tmp_path):
     samples[0].agent = None
     assert back == samples  # every field, floats bit for bit
     assert dumped_steps(str(tmp_path)) == [7]
+
+
+def test_moe_routing_reads_back_as_an_array(tmp_path):
+    samples = _samples()
+    samples[0].agent = None
+    samples[0].routed_experts = np.arange(16, dtype=np.int16).reshape(4, 2, 2) - 1  # -1: not replayed
+    write_step(str(tmp_path), 1, samples)
+    back = read_step(str(tmp_path), 1)
+    assert back[0].routed_experts.dtype == np.int16 and (back[0].routed_experts == samples[0].routed_experts).all()
+    assert back[1].routed_experts is None
 
 
 def test_a_missing_step_names_the_setting_and_what_is_there(tmp_path):
