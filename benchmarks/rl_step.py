@@ -43,22 +43,18 @@ PRESETS = {  # hydra config name and the overrides that give the batch
 # --- what every side shares ------------------------------------------------------------------------
 def load(args):
     """The run's Config for the preset and batch, its model path and tokenizer."""
-    from hydra import compose, initialize_config_dir
     from transformers import AutoTokenizer
 
-    import rl.train  # noqa: F401  (registers the config schema)
-    from rl.config import load_config
-    from rl.demo.warm_start import demo_model_path
+    from rl.demo.warm_start import policy_model_path
+    from rl.train import preset_config
 
     name, _ = PRESETS[args.preset]
     overrides = [f"steps={args.warmup + args.steps}", f"rollout.prompts_per_step={args.prompts}",
                  f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.tokens}",
                  "eval.every=0", "logging.wandb_mode=disabled", f"seed={args.seed}",
                  f"cluster.threads_per_actor={args.threads}"]
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        config = load_config(compose(config_name=name, overrides=overrides))
-    path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
+    config = preset_config(name, overrides)
+    path = policy_model_path(config)
     return config, path, AutoTokenizer.from_pretrained(path)
 
 

@@ -122,11 +122,15 @@ class Collector:
         """Accuracy on held-out prompts (a range of the generated tasks' streams training never reaches,
         and the families' `eval_path` rows), one sample each at the rollout temperature:
         `eval_accuracy` over all and `eval/<family>/accuracy`; with `eval.greedy` also greedy
-        (`eval_greedy_accuracy`, `eval/<family>/greedy_accuracy`). Empty when nothing is held out."""
+        (`eval_greedy_accuracy`, `eval/<family>/greedy_accuracy`); for agentic episodes also their
+        statistics (`eval_critical_steps`, `eval_subagents`, ...). Empty when nothing is held out."""
         prompts = self.prompts.held_out(EVAL_STREAM_START, self.config.eval.prompts)
         if not prompts:
             return {}
-        metrics = self._accuracy(self.generate(self.make_samples(prompts, 1)), "accuracy")
+        samples = self.generate(self.make_samples(prompts, 1))
+        metrics = self._accuracy(samples, "accuracy")
+        if self.agentic is not None:  # episodes: also their steps, sub-agents and wall-clock
+            metrics.update(self.agentic.eval_metrics(samples))
         if self.config.eval.greedy:
             metrics.update(self._accuracy(self.generate(self.make_samples(prompts, 1), temperature=0.0),
                                           "greedy_accuracy"))

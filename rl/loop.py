@@ -29,7 +29,7 @@ from rl.algo.ptx import PTXData
 from rl.collector import Collector
 from rl.config import Config
 from rl.data.tasks import AdditionTask
-from rl.demo.warm_start import demo_model_path
+from rl.demo.warm_start import policy_model_path
 from rl.metrics import MetricsLogger, marked_timer, rewind_jsonl, step_metrics
 from rl.rollout_dump import read_step, write_step
 from rl.sample import Sample
@@ -222,7 +222,7 @@ class RLLoop:
 def run(config: Config, run_dir: str) -> list[dict[str, float]]:
     """Run (or resume) the RL job up to `config.steps` steps and return the metrics of the steps run.
     A member that dies or hangs restarts the job from its newest checkpoint (rl/fault.py)."""
-    model_path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
+    model_path = policy_model_path(config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     root = config.checkpoint.dir or os.path.join(run_dir, "checkpoints")
     logger = MetricsLogger(run_dir, config, config.steps, config.logging.wandb_mode, config.logging.wandb_project)

@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class MetricsLogger:
     # metric -> short console label (every metric goes to metrics.jsonl and wandb in full)
     CONSOLE_KEYS = {"accuracy": "acc", "eval_accuracy": "eval_acc", "response_length": "len", "loss": "loss",
-                    "logprob_mismatch_max": "mismatch", "weight_version": "v", "step_seconds": "s"}
+                    "logprob_mismatch_max": "mismatch", "subagents_per_stage": "sub/stage",
+                    "weight_version": "v", "step_seconds": "s"}
 
     def __init__(self, run_dir: str, config: Any, total_steps: int, wandb_mode: str, wandb_project: str):
         os.makedirs(run_dir, exist_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -12,6 +13,15 @@ from omegaconf import DictConfig
 from rl.config import Config, ConfigError, load_config
 
 ConfigStore.instance().store(name="tandem_schema", node=Config)
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def preset_config(name: str, overrides: list[str]) -> Config:
+    """The `conf/<name>.yaml` job with Hydra `overrides`, loaded and checked (for tests, benchmarks, tools)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return load_config(compose(config_name=name, overrides=overrides))
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -92,14 +92,8 @@ def run_loop_recording(config, model_path: str, run_dir: str, before_shutdown=No
 def preset(name: str, overrides: list[str]):
     """The `conf/<name>.yaml` job with Hydra `overrides`, loaded and checked, and its model's directory
     (the demo model built and cached if it is the one)."""
-    from hydra import compose, initialize_config_dir
+    from rl.demo.warm_start import policy_model_path
+    from rl.train import preset_config
 
-    import rl.train  # noqa: F401 - registers the config schema with Hydra
-    from rl.config import load_config
-    from rl.demo.warm_start import demo_model_path
-
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        config = load_config(compose(config_name=name, overrides=overrides))
-    path = config.model.path or demo_model_path(config.model, config.warm_start, config.task)
-    return config, path
+    config = preset_config(name, overrides)
+    return config, policy_model_path(config)

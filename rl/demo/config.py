@@ -40,8 +40,25 @@ class ModelConfig:
 
 
 @dataclass
+class SwarmDemoConfig:
+    """The PARL swarm demo's warm start on wide search (rl/demo/swarm_demos.py): how the demonstrated
+    orchestrator spreads a task's items over its turns. Mostly serial by default, so RL has the
+    parallel plans to find."""
+    serial: float = field(default=0.6, metadata={"ge": 0, "le": 1})  # share of plans assigning one item a turn
+    # share assigning every item in the first turn; the rest split the items over two turns
+    parallel: float = field(default=0.1, metadata={"ge": 0, "le": 1})
+    create_subagent: float = field(default=0.2, metadata={"ge": 0, "le": 1})  # share first creating a named sub-agent
+    subagent_episodes: float = field(default=0.5, metadata={"ge": 0, "lt": 1})  # share of demos that are sub-agents'
+
+    def check(self) -> None:
+        if self.serial + self.parallel > 1:
+            raise ValueError(f"parallel: serial + parallel plans exceed all plans (got {self.parallel!r})")
+
+
+@dataclass
 class WarmStartConfig:
-    """Supervised warm start of the demo model (see rl/demo/warm_start.py).
+    """Supervised warm start of the demo model (see rl/demo/warm_start.py): on the addition task, or on
+    demonstrated swarm episodes when the task is `wide_search` with the PARL swarm on.
 
     Trained to convergence with label smoothing, the policy's greedy answers are right while its
     sampled (temperature 1) answers are mostly wrong; RL has to concentrate the distribution.
@@ -51,3 +68,4 @@ class WarmStartConfig:
     batch_size: int = 64
     lr: float = field(default=1e-3, metadata={"gt": 0})
     eval_prompts: int = 256
+    swarm: SwarmDemoConfig = field(default_factory=SwarmDemoConfig)

@@ -119,21 +119,24 @@ class AgentRunner:
         """Run (or continue) the episode until its final answer, a limit, or the iteration's budget."""
         trace: AgentTrace = sample.agent
         budget = budget or IterationBudget()
-        spent, turns_now = 0, 0
-        while not trace.stop:
-            trace.stop = self._stop_reason(sample)  # a limit reached finishes the episode, budget or not
-            if trace.stop:
-                break
-            if turns_now and ((budget.tokens is not None and spent >= budget.tokens)
-                              or (budget.deadline is not None and time.monotonic() >= budget.deadline)):
-                sample.finish_reason = "paused"
-                return sample
-            before = len(sample.response_ids)
-            await self._turn(sample)
-            spent += len(sample.response_ids) - before
-            turns_now += 1
-        self._finish(sample)
-        return sample
+        spent, turns_now, started = 0, 0, time.monotonic()
+        try:
+            while not trace.stop:
+                trace.stop = self._stop_reason(sample)  # a limit reached finishes the episode, budget or not
+                if trace.stop:
+                    break
+                if turns_now and ((budget.tokens is not None and spent >= budget.tokens)
+                                  or (budget.deadline is not None and time.monotonic() >= budget.deadline)):
+                    sample.finish_reason = "paused"
+                    return sample
+                before = len(sample.response_ids)
+                await self._turn(sample)
+                spent += len(sample.response_ids) - before
+                turns_now += 1
+            self._finish(sample)
+            return sample
+        finally:
+            trace.seconds += time.monotonic() - started
 
     async def _turn(self, sample: Sample) -> None:
         trace, lim = sample.agent, self.limits

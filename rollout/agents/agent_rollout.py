@@ -71,28 +71,11 @@ class AgentRollout:
     def metrics(self, samples: list[Sample], lambdas: tuple[float, float]) -> dict[str, float]:
         """The step's episode statistics: steps (critical and total), tools, sub-agents, PARL terms."""
         traces = [s.agent for s in samples if s.agent is not None]
-        if not traces:
-            return {}
-        mean = lambda values: float(statistics.fmean(values)) if values else 0.0  # noqa: E731
-        out = {"critical_steps": mean([t.critical_steps for t in traces]),
-               "total_steps": mean([t.total_steps for t in traces]),
-               "turns": mean([t.turns for t in traces]),
-               "tool_calls": mean([t.tool_calls for t in traces]),
-               "invalid_tool_calls": mean([t.invalid_calls for t in traces]),
-               "answered": mean([t.stop == "answer" for t in traces])}
-        if self.swarm is not None:
-            w = self.config.swarm
-            stages = [len(st.sub_steps) for t in traces for st in t.stages]
-            runs = [r for t in traces for r in t.subagents]
-            l1, l2 = lambdas
-            out.update({"lambda_parallel": l1, "lambda_finish": l2,
-                        "subagents": mean([len(t.subagents) for t in traces]),
-                        "subagents_per_stage": mean(stages),
-                        "subagent_steps": mean([r.steps for r in runs]),
-                        "subagent_tokens": float(sum(len(r.response_ids) for r in runs)),
-                        "r_parallel": mean([r_parallel(t, w.parallel_reward, w.parallel_cap) for t in traces]),
-                        "r_finish": mean([r_finish(t) for t in traces])})
-        return out
+        return episode_metrics(traces, self.config.swarm if self.swarm is not None else None, lambdas)
+
+    def eval_metrics(self, samples: list[Sample]) -> dict[str, float]:
+        """The held-out episodes' statistics (as `metrics`, without the step's PARL weights), `eval_` named."""
+        return {f"eval_{k}": v for k, v in self.metrics(samples, (0.0, 0.0)).items() if not k.startswith("lambda")}
 
     @staticmethod
     def subagent_records(samples: list[Sample], step: int) -> list[dict]:
@@ -100,3 +83,35 @@ class AgentRollout:
         return [{"step": step, "group_id": s.group_id, "agent": r.agent, "prompt": r.prompt, "message": r.message,
                  "steps": r.steps, "completed": r.completed, "tokens": len(r.response_ids)}
                 for s in samples if s.agent is not None for r in s.agent.subagents]
+
+
+def episode_metrics(traces: list, swarm=None, lambdas: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
+    """Means over episodes (AgentTrace): steps, tool calls, answers, wall-clock, the share solved (all
+    items right) and their critical steps; with `swarm` (a SwarmConfig) the sub-agents and PARL terms."""
+    if not traces:
+        return {}
+    mean = lambda values: float(statistics.fmean(values)) if values else 0.0  # noqa: E731
+    out = {"critical_steps": mean([t.critical_steps for t in traces]),
+           "total_steps": mean([t.total_steps for t in traces]),
+           "turns": mean([t.turns for t in traces]),
+           "tool_calls": mean([t.tool_calls for t in traces]),
+           "invalid_tool_calls": mean([t.invalid_calls for t in traces]),
+           "answered": mean([t.stop == "answer" for t in traces]),
+           "episode_seconds": mean([t.seconds for t in traces])}
+    solved = [t for t in traces if t.env_reward is not None and t.env_reward >= 1.0]
+    out["solved"] = len(solved) / len(traces)
+    if solved:  # the latency of a right answer: what parallel sub-agents should cut
+        out["critical_steps_solved"] = mean([t.critical_steps for t in solved])
+    if swarm is not None:
+        stages = [len(st.sub_steps) for t in traces for st in t.stages]
+        runs = [r for t in traces for r in t.subagents]
+        out.update({"lambda_parallel": lambdas[0], "lambda_finish": lambdas[1],
+                    "subagents": mean([len(t.subagents) for t in traces]),
+                    "subagents_per_stage": mean(stages),
+                    # how wide the stages that assign anything are: 1 is serial
+                    "subagents_per_assigning_stage": mean([n for n in stages if n]),
+                    "subagent_steps": mean([r.steps for r in runs]),
+                    "subagent_tokens": float(sum(len(r.response_ids) for r in runs)),
+                    "r_parallel": mean([r_parallel(t, swarm.parallel_reward, swarm.parallel_cap) for t in traces]),
+                    "r_finish": mean([r_finish(t) for t in traces])})
+    return out

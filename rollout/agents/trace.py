@@ -55,6 +55,7 @@ class AgentTrace:
     subagents: list[SubagentRun] = field(default_factory=list)
     created_subagents: dict[str, str] = field(default_factory=dict)  # name -> system prompt
     turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each sampled turn in response_ids
+    seconds: float = 0.0  # wall-clock the episode has run (over all its iterations when paused and continued)
 
     @property
     def turns(self) -> int:

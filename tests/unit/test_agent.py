@@ -14,12 +14,14 @@ from rl.algo.schedules import parl_lambdas
 from rl.demo.tiny_model import PRINTABLE, build_tokenizer
 from rl.sample import Sample
 from rollout.agents.agent_loop import AgentLimits, AgentRunner, IterationBudget, TurnFormat
+from rollout.agents.agent_rollout import episode_metrics
 from rollout.agents.environments import BUILTIN, EnvironmentTask, environment_class
 from rollout.agents.environments.calculator import CalculatorEnvironment, evaluate_arithmetic
 from rollout.agents.environments.knowledge_base import WideSearchEnvironment, item_f1, knowledge_base
 from rollout.agents.swarm import Swarm, SwarmSettings
 from rollout.agents.tools import Tool, ToolCall, final_answer, parse_tool_calls, turn_regex
 from rollout.agents.trace import AgentTrace, Stage, SubagentRun, for_training
+from rollout.config import SwarmConfig
 
 TOK = build_tokenizer(PRINTABLE)
 ECHO = Tool("echo", "Echo the text.", {"type": "object", "properties": {"text": {"type": "string"},
@@ -110,7 +112,7 @@ def test_episode_keeps_sampled_tokens_and_masks_tool_results():
     runner = AgentRunner(engine, TOK, AgentLimits(), TurnFormat())
     s = run_episode(runner, CalculatorEnvironment(), "What is 12*34+5?", "413")
     trace = s.agent
-    assert trace.stop == "answer" and trace.answer == "413" and trace.env_reward == 1.0
+    assert trace.stop == "answer" and trace.answer == "413" and trace.env_reward == 1.0 and trace.seconds > 0
     assert len(s.response_ids) == len(s.loss_mask) == len(s.rollout_logprobs) == len(s.token_versions)
     # token-in/token-out: the second turn's input is exactly the prompt, the first turn's sampled ids and
     # the tool result's ids; trained tokens are exactly the two turns' sampled ids
@@ -274,6 +276,19 @@ def test_parl_terms_and_annealing():
     s.reward = 0.5
     apply_parl([s], 0.0, 0.0, "count", 10, budget_penalty=-1.0)
     assert s.reward == -0.5 and s.reward_parts["parl/r_finish"] == 0.6
+
+
+def test_episode_metrics_count_solved_episodes_and_stage_width():
+    parallel = trace_with([Stage(1, [2, 2, 2]), Stage(1, [])], runs=[True] * 3)
+    serial = trace_with([Stage(1, [2]), Stage(1, [2]), Stage(1, [2])], runs=[True] * 3)
+    parallel.env_reward, serial.env_reward = 1.0, 0.0
+    parallel.seconds, serial.seconds = 2.0, 4.0
+    m = episode_metrics([parallel, serial], SwarmConfig(parallel_reward="stages"), (0.3, 0.1))
+    assert m["solved"] == 0.5 and m["critical_steps_solved"] == 4  # the parallel one only
+    assert m["critical_steps"] == (4 + 9) / 2 and m["episode_seconds"] == 3.0
+    assert m["subagents"] == 3 and m["subagents_per_stage"] == 6 / 5 and m["subagents_per_assigning_stage"] == 1.5
+    assert m["lambda_parallel"] == 0.3 and m["r_parallel"] == pytest.approx((0.5 + 0) / 2)
+    assert "critical_steps_solved" not in episode_metrics([serial]) and "subagents" not in episode_metrics([serial])
 
 
 def test_environment_reward_reads_the_episode():

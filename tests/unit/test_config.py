@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
      "agent.swarm.lambda_parallel"),
     ({"agent": {"environment": "wide_search", "swarm": {"enabled": True, "subagent_model": "/nope"}}},
      "agent.swarm.subagent_model"),
+    ({"warm_start": {"swarm": {"serial": 0.8, "parallel": 0.5}}}, "warm_start.swarm.parallel"),
+    ({"warm_start": {"swarm": {"subagent_episodes": 1.0}}}, "warm_start.swarm.subagent_episodes"),
     ({"task": {"name": "browse"}}, "task.name"),
     # scale-out: engines must fit the bundles, a node must hold whole engines, colocated stays on a node
     ({"trainer": {"world_size": 2}, "rollout": {"num_engines": 3}}, "rollout.num_engines"),

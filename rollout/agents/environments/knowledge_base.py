@@ -74,9 +74,14 @@ class WideSearchEnvironment(KnowledgeBaseEnvironment):
     name, stream = "wide_search", "wide"
 
     @classmethod
-    def generate(cls, index: int, seed: int, entities: int = 24, items: int = 4, **options) -> Problem:
+    def draw(cls, index: int, seed: int, entities: int = 24, items: int = 4, **options) -> tuple[str, list[str], dict]:
+        """The index-th task's parts: the attribute asked for, the entities in order, and the base."""
         base, rng, attribute = cls._draw(index, seed, entities, options)
-        chosen = rng.sample(sorted(base), items)
+        return attribute, rng.sample(sorted(base), items), base
+
+    @classmethod
+    def generate(cls, index: int, seed: int, entities: int = 24, items: int = 4, **options) -> Problem:
+        attribute, chosen, base = cls.draw(index, seed, entities, items, **options)
         return Problem(prompt=f"Find the {attribute} of each of {', '.join(chosen)}. Answer with the values in "
                               f"that order, separated by commas.",
                        reference=",".join(base[e][attribute] for e in chosen))
