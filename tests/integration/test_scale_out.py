@@ -209,5 +209,12 @@ def test_placement_orders_bundles_by_node_and_refuses_an_engine_across_nodes(two
         assert "trainer rank" in table and "0 (TP rank 1)" in table and placement.slots[0].node_ip in table
     finally:
         ray.util.remove_placement_group(placement.pg)
-    with pytest.raises(RuntimeError, match="would span 2 nodes"):
-        place(2, "spread", engine_tp=2, num_engines=1, timeout_s=60)
+    # One GPU taken on each node, so a TP=2 engine's two bundles can only land on two nodes (Ray's SPREAD
+    # alone is best effort: on a free cluster it sometimes packed them and nothing was refused).
+    blocker = ray.util.placement_group([{"GPU": 1}] * NODES, strategy="STRICT_SPREAD")
+    ray.get(blocker.ready(), timeout=60)
+    try:
+        with pytest.raises(RuntimeError, match="would span 2 nodes"):
+            place(2, "spread", engine_tp=2, num_engines=1, timeout_s=60)
+    finally:
+        ray.util.remove_placement_group(blocker)
