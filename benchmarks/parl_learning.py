@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,8 +43,7 @@ def run(out: str, variant: str, seed: int, steps: int | None) -> str:
         return run_dir
     overrides = [f"seed={seed}", f"logging.run_dir={run_dir}", "logging.wandb_mode=disabled", "checkpoint.every=0",
                  *VARIANTS[variant], *([f"steps={steps}"] if steps else [])]
-    if os.path.isdir(run_dir):
-        subprocess.run(["rm", "-rf", run_dir], check=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
     start = time.time()
     subprocess.run([sys.executable, "-m", "rl.train", "--config-name", "swarm_wide_search", *overrides], check=True)
     with open(os.path.join(run_dir, "done"), "w") as f:
